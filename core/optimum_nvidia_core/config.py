@@ -1,0 +1,49 @@
+"""Engine options: what to load, how to quantize, and the runtime's shapes. Validated on construction."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Options that change the built engine (weights, scales, shapes). Everything else is a runtime choice.
+BUILD_OPTIONS = (
+    "use_fp8", "kv_cache_dtype", "activation_scheme", "dtype", "calibration_samples", "calibration_max_length",
+)
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    model: str = Field(description="Model id, local checkpoint directory, or engine directory.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    use_fp8: bool = Field(False, description="FP8 (e4m3) weights and activations for every linear layer.")
+    activation_scheme: Literal["static", "dynamic"] = Field(
+        "static", description="FP8 activation scales: calibrated per tensor, or computed per token at run time."
+    )
+    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="'fp8' stores K/V in e4m3 with scales.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype; 'auto' is bfloat16 on a GPU and float32 on the CPU."
+    )
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    max_batch_size: int = Field(64, ge=1, le=1024, description="Most sequences in one step.")
+    max_seq_len: int | None = Field(None, ge=16, description="Prompt + output tokens; default: the model's limit.")
+    max_num_tokens: int = Field(2048, ge=16, description="Token budget per step (prefill chunk size).")
+    block_size: int = Field(16, ge=1, le=256, description="Tokens per paged KV-cache block.")
+    num_kv_blocks: int | None = Field(None, ge=1, description="KV-cache blocks; default: from memory.")
+    gpu_memory_utilization: float = Field(0.90, gt=0.0, le=0.98)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+    calibration_dataset: Any = Field(None, description="Strings, an iterable of strings, or a datasets.Dataset.")
+    calibration_samples: int = Field(64, ge=1)
+    calibration_max_length: int = Field(512, ge=8)
+    allow_pickle_weights: bool = Field(False, description="Load .bin (pickle) weights; unsafe for untrusted files.")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+
+    def build_options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in BUILD_OPTIONS}

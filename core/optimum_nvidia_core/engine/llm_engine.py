@@ -1,0 +1,219 @@
+"""The step loop: requests in, one scheduled batch per ``step()``, deltas out. Runs on the engine thread only
+(except ``check_prompt``, which is pure and thread-safe)."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import EngineConfig
+from ..outputs import RequestOutput
+from ..sampling_params import SamplingParams
+from .detokenizer import IncrementalDetokenizer
+from .loading import LoadedModel, load
+from .model_runner import ModelRunner
+from .request import Request
+from .block_manager import BlockManager
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        loaded: LoadedModel = load(config)
+        self.loaded = loaded
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.model_name
+        self.max_seq_len = loaded.max_seq_len
+        self.eos_token_ids = loaded.eos_token_ids
+        self.vocab_size = loaded.vocab_size
+        self.runner = ModelRunner(loaded.model, config, self.device, self.dtype, self.max_seq_len, self.eos_token_ids)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.max_batch_size, config.max_num_tokens, self.block_manager)
+        self.requests: dict[str, Request] = {}
+        self._guided = None
+        self._formatter = None
+        self._next_seq_id = 0
+        self.counters = {"requests": 0, "max_running_seqs": 0, "max_batch_tokens": 0, "errors": 0}
+
+    # ---- pure helpers (any thread) -----------------------------------------------------------------------
+    @property
+    def formatter(self):
+        if self._formatter is None:
+            from ..chat_request import ChatRequestBuilder
+
+            self._formatter = ChatRequestBuilder(self.tokenizer, self.loaded.model_dir)
+        return self._formatter
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        _check_text(text)
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def check_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Token ids for ``prompt``, or a ValueError that names the problem and the fix."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty; pass at least one token of text")
+        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt token ids must be ints in [0, {self.vocab_size}); got {bad[:5]}")
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but max_seq_len is {self.max_seq_len}; shorten it, set "
+                "SamplingParams(truncate_prompt_tokens=N) to keep the last N tokens, or build with a larger "
+                "max_seq_len")
+        room = self.max_seq_len - len(ids)
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(
+                f"max_tokens={params.max_tokens} does not fit: the prompt has {len(ids)} tokens and max_seq_len is "
+                f"{self.max_seq_len}, leaving room for {room}; lower max_tokens or pass max_tokens=None")
+        return ids
+
+    # ---- requests (engine thread) ------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        matchers = [self._matcher(params) for _ in range(params.n)] if params.guided_json is not None else []
+        seqs = []
+        base_seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        for index in range(params.n):
+            seqs.append(Sequence(self._next_seq_id, request_id, index, list(prompt_token_ids), params,
+                                 seed=base_seed + index))
+            self._next_seq_id += 1
+        detoks = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) for _ in seqs]
+        self.requests[request_id] = Request(request_id, params, prompt_token_ids, seqs, detoks, matchers)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.counters["requests"] += 1
+
+    def abort_request(self, request_id: str) -> None:
+        if self.requests.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def _matcher(self, params: SamplingParams):
+        if self._guided is None:
+            from ..guided import GuidedDecoder
+
+            self._guided = GuidedDecoder(self.tokenizer, self.vocab_size)
+        return self._guided.matcher(params.guided_json)
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._fail(seq.request_id, msg) for seq, msg in self.scheduler.take_errors()]
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return [o for o in outputs if o is not None]
+        self.counters["max_running_seqs"] = max(self.counters["max_running_seqs"], len(batch.seqs))
+        self.counters["max_batch_tokens"] = max(self.counters["max_batch_tokens"], sum(batch.num_query_tokens))
+        allowed, failed = self._grammar_masks(batch)
+        outputs += [self._fail(rid, msg) for rid, msg in failed]
+        tokens, logprobs = self.runner.run(batch, allowed)
+        self.scheduler.postprocess(batch, tokens)
+        now = time.perf_counter()
+        for seq, token, top in zip(batch.seqs, tokens, logprobs):
+            if token is None or seq.request_id not in self.requests:
+                continue
+            try:
+                outputs.append(self._advance(seq, token, top, now))
+            except Exception as exc:  # one request's fault fails that request only
+                logger.exception("request %s failed", seq.request_id)
+                outputs.append(self._fail(seq.request_id, f"{type(exc).__name__}: {exc}"))
+        return [o for o in outputs if o is not None]
+
+    def _grammar_masks(self, batch) -> tuple[dict[int, torch.Tensor], list[tuple[str, str]]]:
+        allowed, failed = {}, []
+        for i, (seq, samples) in enumerate(zip(batch.seqs, batch.samples)):
+            req = self.requests.get(seq.request_id)
+            if not samples or req is None or not req.matchers:
+                continue
+            row = torch.zeros(self.vocab_size, dtype=torch.bool)
+            req.matchers[seq.index].fill_mask(row)
+            if not bool(row.any()):
+                failed.append((seq.request_id, "the output grammar allows no next token; check the JSON schema"))
+            allowed[i] = row
+        return allowed, failed
+
+    def _advance(self, seq: Sequence, token: int, top: dict[int, float] | None, now: float) -> RequestOutput | None:
+        req = self.requests[seq.request_id]
+        if token < 0:
+            raise FloatingPointError("the model produced non-finite logits (NaN/inf) for this request")
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.completion_tokens += 1
+        params = req.params
+        finish = None
+        if req.matchers:
+            matcher = req.matchers[seq.index]
+            if not matcher.accept(token):
+                raise ValueError(f"token {token} was rejected by the output grammar")
+            if matcher.is_terminated():
+                finish = "stop"
+        is_eos = token in self.eos_token_ids and not params.ignore_eos
+        if is_eos or token in params.stop_token_ids:
+            finish = "stop"
+            text, stop_hit = "", False
+        else:
+            text, stop_hit = req.detokenizers[seq.index].step([token])
+            if stop_hit:
+                finish = "stop"
+        n_out = len(seq.token_ids) - seq.num_prompt_tokens
+        if finish is None and params.max_tokens is not None and n_out >= params.max_tokens:
+            finish = "length"
+        if finish is None and len(seq.token_ids) >= self.max_seq_len:
+            finish = "length"
+        if finish is not None:
+            if not stop_hit:
+                text += req.detokenizers[seq.index].flush()
+            self.scheduler.finish(seq)
+            req.num_finished += 1
+        out = req.delta(seq, text, [] if (is_eos and finish) else [token], finish, top)
+        if req.finished:
+            del self.requests[seq.request_id]
+        return out
+
+    def _fail(self, request_id: str, message: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.abort(request_id)
+        self.counters["errors"] += 1
+        return req.error(message)
+
+    # ---- tools (engine thread) ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        stats = dict(self.counters)
+        stats.update(self.scheduler.stats())
+        stats["free_blocks"] = self.block_manager.num_free_blocks
+        stats["total_blocks"] = self.runner.num_blocks
+        stats["running_requests"] = len(self.requests)
+        return stats
+
+    def perplexity(self, token_ids: list[int]) -> float:
+        from ..build.perplexity import perplexity
+
+        return perplexity(self.runner, token_ids)
+
+    def save(self, engine_dir: Path) -> Path:
+        from ..build import save_engine
+
+        return save_engine(self, engine_dir)
+
+
+def _check_text(text: str) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"a prompt must be a str or a list of token ids, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text has a lone surrogate at index {exc.start}; pass valid Unicode") from None

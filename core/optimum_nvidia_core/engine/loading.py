@@ -1,0 +1,115 @@
+"""From an EngineConfig to a model on its device: resolve the id, pick device and dtype, then load plain
+weights, a saved engine directory, or build (once, cached) an FP8 engine."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import EngineConfig
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    model_dir: Path  # where config.json and the tokenizer files are
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    max_seq_len: int
+    eos_token_ids: list[int]
+    vocab_size: int  # width of the logits
+    model_name: str
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} was asked for but CUDA is not available; use device='cpu' or 'auto'")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def check_fp8_supported(device: torch.device) -> None:
+    if device.type != "cuda":
+        return  # the CPU emulates e4m3 with the same rounding
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise RuntimeError(
+            f"FP8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); {name} is {major}.{minor}. "
+            "Use use_fp8=False and kv_cache_dtype='auto' (bf16) on this GPU.")
+
+
+def load(config: EngineConfig) -> LoadedModel:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..hub import resolve_model
+    from ..models.loader import load_model
+
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    wants_fp8 = config.use_fp8 or config.kv_cache_dtype == "fp8"
+    if wants_fp8:
+        check_fp8_supported(device)
+    path = Path(config.model).expanduser()
+    if (path / MANIFEST).is_file():
+        from ..build import load_engine
+
+        model_dir = path
+        model = load_engine(path, dtype, device)
+    else:
+        model_dir = resolve_model(config.model, config.revision, allow_pickle=config.allow_pickle_weights)
+        if wants_fp8:
+            from ..build import build_fp8_engine, get_or_build, load_engine
+
+            engine_dir = get_or_build(model_dir, config, build_fp8_engine)
+            model = load_engine(engine_dir, dtype, device)
+            model_dir = engine_dir
+        else:
+            model = load_model(model_dir, dtype, device)
+    hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    limit = int(getattr(hf_config, "max_position_embeddings", 4096))
+    max_seq_len = min(config.max_seq_len or limit, limit)
+    return LoadedModel(
+        model=model, model_dir=model_dir, tokenizer=tokenizer, device=device, dtype=dtype, max_seq_len=max_seq_len,
+        eos_token_ids=_eos_ids(model_dir, hf_config, tokenizer), vocab_size=int(hf_config.vocab_size),
+        model_name=_model_name(config.model, model_dir),
+    )
+
+
+def _eos_ids(model_dir: Path, hf_config: Any, tokenizer: Any) -> list[int]:
+    """Every end-of-sequence id: generation_config's (Llama-3 lists <|eot_id|> there), config's, tokenizer's."""
+    ids: set[int] = set()
+    sources = [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
+    gen_file = model_dir / "generation_config.json"
+    if gen_file.is_file():
+        sources.append(json.loads(gen_file.read_text()).get("eos_token_id"))
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return sorted(ids)
+
+
+def _model_name(model: str, model_dir: Path) -> str:
+    manifest = model_dir / MANIFEST
+    if manifest.is_file():
+        source = json.loads(manifest.read_text()).get("model_name")
+        if source:
+            return source
+    return model if not Path(model).expanduser().exists() else Path(model).name

@@ -1,0 +1,149 @@
+"""Tensors for one engine step: batch layout, paged KV cache, model forward, logits, sampling.
+
+The CPU path is the reference (plain torch). On CUDA, decode-only steps replay CUDA graphs captured per batch
+bucket (``cuda_graph_runner``); prefill runs eagerly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..config import EngineConfig
+from ..layers.attention_metadata import AttentionMetadata
+from ..layers.sampler import Sampler, SamplingBatch
+from .scheduler import ScheduledBatch
+
+logger = logging.getLogger(__name__)
+CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on the CPU
+GPU_ACTIVATION_RESERVE = 2 << 30  # kept free for prefill activations and graphs
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 max_seq_len: int, eos_token_ids: list[int]):
+        self.model, self.config, self.device, self.dtype = model, config, device, dtype
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = math.ceil(max_seq_len / self.block_size)
+        self.eos_token_ids = eos_token_ids
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else dtype
+        self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
+        self._allocate_kv_cache()
+        self.sampler = Sampler()
+        self.fault_hook = None  # tests: fn(logits[S, V]) -> None, may poison rows
+        self.graphs = self._maybe_graphs()
+
+    # ---- set-up ----------------------------------------------------------------------------------------
+    def _kv_bytes_per_block(self) -> int:
+        layers = self.model.attention_layers()
+        a = layers[0]
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
+        return 2 * len(layers) * self.block_size * a.num_kv_heads * a.head_dim * elem
+
+    def _blocks_that_fit(self) -> int:
+        per_block = self._kv_bytes_per_block()
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = total * self.config.gpu_memory_utilization - used - GPU_ACTIVATION_RESERVE
+        else:
+            budget = CPU_KV_CACHE_BYTES
+        wanted = self.config.max_batch_size * self.max_blocks_per_seq  # never more than all sequences can use
+        blocks = min(int(budget // per_block), wanted)
+        if blocks < self.max_blocks_per_seq:
+            raise MemoryError(
+                f"the KV cache fits only {blocks} blocks of {self.block_size} tokens, fewer than one sequence of "
+                f"max_seq_len needs ({self.max_blocks_per_seq}); lower max_seq_len, use kv_cache_dtype='fp8' or "
+                "use_fp8=True, or raise gpu_memory_utilization")
+        return blocks
+
+    def _allocate_kv_cache(self) -> None:
+        for layer in self.model.attention_layers():
+            shape = (self.num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            layer.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+
+    def _maybe_graphs(self):
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return None
+        try:
+            from .cuda_graph_runner import CudaGraphRunner
+        except ImportError:
+            return None
+        graphs = CudaGraphRunner(self.model, self.config.max_batch_size, self.max_blocks_per_seq, self.device)
+        graphs.capture()
+        return graphs
+
+    # ---- one step --------------------------------------------------------------------------------------
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flatten the scheduled chunks: input_ids [T], positions [T], and the attention layout."""
+        ids, positions, slots, starts, ctx_lens, tables, q_lens = [], [], [], [0], [], [], []
+        for seq, q in zip(batch.seqs, batch.num_query_tokens):
+            begin = seq.num_computed_tokens
+            end = begin + q
+            ids.extend(seq.token_ids[begin:end])
+            positions.extend(range(begin, end))
+            table = seq.block_table
+            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size for p in range(begin, end))
+            starts.append(starts[-1] + q)
+            ctx_lens.append(end)
+            q_lens.append(q)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+
+        def dev(values, dtype):
+            return torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda").to(
+                self.device, non_blocking=True)
+
+        attn = AttentionMetadata(
+            slot_mapping=dev(slots, torch.int64), query_start_loc=dev(starts, torch.int32),
+            context_lens=dev(ctx_lens, torch.int32), block_tables=dev(padded, torch.int32),
+            max_query_len=max(q_lens), max_context_len=max(ctx_lens), query_lens_host=q_lens,
+            context_lens_host=ctx_lens,
+        )
+        return dev(ids, torch.int64), dev(positions, torch.int64), attn
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, allowed: dict[int, torch.Tensor] | None = None
+            ) -> tuple[list[int | None], list[dict[int, float] | None]]:
+        """Forward + sample. Returns, per scheduled sequence, the sampled token (None while its prefill is
+        unfinished, -1 when its logits were not finite) and its top log-probabilities when asked for."""
+        input_ids, positions, attn = self.prepare(batch)
+        if self.graphs is not None and attn.is_decode_only and self.graphs.fits(attn.num_seqs):
+            hidden = self.graphs.run(input_ids, positions, attn)
+        else:
+            hidden = self.model(input_ids, positions, attn)
+        rows = [i for i, s in enumerate(batch.samples) if s]
+        if not rows:
+            return [None] * len(batch.seqs), [None] * len(batch.seqs)
+        last_token = attn.query_start_loc[1:].long() - 1  # [S] index of each sequence's last query token
+        sample_seqs = [batch.seqs[i] for i in rows]
+        logits = self.model.compute_logits(hidden[last_token[rows]])  # [R, V] float32
+        if self.fault_hook is not None:
+            self.fault_hook(logits)
+        mask = self._allowed_mask(rows, allowed, logits)
+        sampling = SamplingBatch.build(sample_seqs, logits.device, self.eos_token_ids, allowed_mask=mask)
+        out = self.sampler(logits, sampling)
+        tokens = torch.where(torch.isfinite(logits).all(dim=-1), out.token_ids, -1).tolist()  # the one host sync
+        sampled: list[int | None] = [None] * len(batch.seqs)
+        top: list[dict[int, float] | None] = [None] * len(batch.seqs)
+        for k, i in enumerate(rows):
+            sampled[i] = tokens[k]
+            if out.logprobs is not None:
+                top[i] = out.logprobs[k]
+        return sampled, top
+
+    def _allowed_mask(self, rows: list[int], allowed: dict[int, torch.Tensor] | None,
+                      logits: torch.Tensor) -> torch.Tensor | None:
+        """Grammar masks (bool [V] per guided row) stacked as bool [R, V]; None when no row is guided."""
+        if not allowed:
+            return None
+        mask = torch.ones(logits.shape, dtype=torch.bool)
+        for k, i in enumerate(rows):
+            if i in allowed:
+                row = allowed[i]
+                mask[k, : row.shape[0]] = row
+                mask[k, row.shape[0]:] = False
+        return mask.to(logits.device, non_blocking=True)

@@ -1,0 +1,83 @@
+"""Per-request generation options, validated on construction.
+
+Every invalid value raises a pydantic ``ValidationError`` that names the field, so a bad request fails alone
+before it reaches the engine.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 256
+
+
+class SamplingParams(BaseModel):
+    """How to sample one request. Defaults follow transformers/vLLM conventions."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    n: int = Field(1, ge=1, le=64, description="Number of completions for the prompt.")
+    max_tokens: int | None = Field(
+        256, ge=1, description="Most new tokens; None means up to the context window."
+    )
+    min_tokens: int = Field(0, ge=0, description="EOS and stop strings are ignored before this many tokens.")
+    temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same output, whatever batch it shares.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings; matched across tokens, never emitted.")
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20, description="Return this many top log-probabilities per token.")
+    skip_special_tokens: bool = True
+    guided_json: dict[str, Any] | None = Field(
+        None, description="A JSON schema the output must satisfy ({} or {'type': 'object'} for any JSON object)."
+    )
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=1, description="Keep only the last N prompt tokens instead of failing on an over-long prompt."
+    )
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: list[str]) -> list[str]:
+        if len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(value)}")
+        for s in value:
+            if not s:
+                raise ValueError("stop strings must be non-empty")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters")
+            _check_encodable(s, "stop")
+        return value
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "SamplingParams":
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check_encodable(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field} contains a lone surrogate at index {exc.start}; pass valid Unicode text") from None

@@ -1,0 +1,69 @@
+"""Turns a chat request's raw deltas into content deltas plus parsed tool calls on the last delta.
+
+Content streams as it comes. From the first sign of a tool call (a start marker such as ``<tool_call>``, possibly
+split across deltas, or a reply that opens with ``{``) the text is held back; at the end it is parsed by
+``chat.parse_tool_calls``. Held-back text that turns out not to be a call is released, so nothing is lost.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .chat import parse_tool_calls
+from .outputs import RequestOutput
+from .request_stream import RequestStream
+
+TOOL_CALL_MARKERS = ("<tool_call>", "<|python_tag|>")
+
+
+class ToolCallStream:
+    def __init__(self, source: RequestStream, tools: list[dict[str, Any]], forced: bool = False):
+        self.source = source
+        self.tools = tools
+        self.forced = forced
+        self.text = ""  # everything generated so far
+        self.emitted = 0  # chars of self.text already sent as content
+        self.holding = forced  # a (possible) tool call started: hold everything from here
+
+    def feed(self, delta: RequestOutput) -> list[RequestOutput]:
+        if not self.tools:
+            return [delta]
+        self.text += delta.text
+        if not delta.finished:
+            release = self._releasable()
+            if not release:
+                return []
+            return [dataclasses.replace(delta, text=release)]
+        return [self._finish(delta)]
+
+    def _releasable(self) -> str:
+        if not self.holding:
+            stripped = self.text.lstrip()
+            if stripped.startswith("{") or any(m in self.text[self.emitted:] for m in TOOL_CALL_MARKERS):
+                self.holding = True
+        if self.holding:
+            start = min((self.text.find(m, self.emitted) for m in TOOL_CALL_MARKERS if m in self.text[self.emitted:]),
+                        default=self.emitted)
+            release = self.text[self.emitted:start] if not self.text.lstrip().startswith("{") else ""
+        else:
+            release = self.text[self.emitted:len(self.text) - _marker_prefix_len(self.text)]
+        self.emitted += len(release)
+        return release
+
+    def _finish(self, delta: RequestOutput) -> RequestOutput:
+        content, calls = parse_tool_calls(self.text, self.tools)
+        if calls:
+            rest = content[self.emitted:] if content.startswith(self.text[:self.emitted]) else ""
+            return dataclasses.replace(delta, text=rest, tool_calls=calls, finish_reason="tool_calls")
+        return dataclasses.replace(delta, text=self.text[self.emitted:])
+
+
+def _marker_prefix_len(text: str) -> int:
+    """Length of the longest suffix of ``text`` that could begin a tool-call marker."""
+    best = 0
+    for marker in TOOL_CALL_MARKERS:
+        for k in range(min(len(marker) - 1, len(text)), 0, -1):
+            if text.endswith(marker[:k]):
+                best = max(best, k)
+                break
+    return best
