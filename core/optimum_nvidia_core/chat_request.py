@@ -18,7 +18,7 @@ AUTO_CHOICES = (None, "auto")
 class ChatRequestBuilder:
     def __init__(self, tokenizer: Any, model_dir: Path | None = None):
         self.tokenizer = tokenizer
-        self.formatter = ChatFormatter(tokenizer)
+        self.formatter = ChatFormatter(tokenizer, model_dir)
 
     def prepare(self, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None,
                 tool_choice: str | None = None) -> tuple[list[int], SamplingParams, bool]:
@@ -29,7 +29,7 @@ class ChatRequestBuilder:
         forced = bool(tools) and tool_choice not in AUTO_CHOICES
         if tool_choice not in AUTO_CHOICES and tool_choice != "none" and not tools:
             raise ValueError(f"tool_choice={tool_choice!r} needs tools; pass tools=[...] or tool_choice=None")
-        text = self.formatter.render(messages, tools or None)
+        text = self.formatter.render(messages, tools or None, tool_choice=tool_choice)
         if forced:
             text += forced_call_prefix(self.formatter)
             params = params.model_copy(update={"guided_json": tool_call_schema(tools, tool_choice)})

@@ -2,7 +2,7 @@
 (except ``check_prompt``, which is pure and thread-safe)."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -34,6 +34,7 @@ class LLMEngine:
         self.model_name = loaded.model_name
         self.max_seq_len = loaded.max_seq_len
         self.eos_token_ids = loaded.eos_token_ids
+        self.eos_token_set = frozenset(loaded.eos_token_ids)
         self.vocab_size = loaded.vocab_size
         self.runner = ModelRunner(loaded.model, config, self.device, self.dtype, self.max_seq_len, self.eos_token_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -41,7 +42,6 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._guided = None
         self._formatter = None
-        self._next_seq_id = 0
         self.counters = {"requests": 0, "max_running_seqs": 0, "max_batch_tokens": 0, "errors": 0}
 
     # ---- pure helpers (any thread) -----------------------------------------------------------------------
@@ -82,12 +82,7 @@ class LLMEngine:
     # ---- requests (engine thread) ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         matchers = [self._matcher(params) for _ in range(params.n)] if params.guided_json is not None else []
-        seqs = []
-        base_seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        for index in range(params.n):
-            seqs.append(Sequence(self._next_seq_id, request_id, index, list(prompt_token_ids), params,
-                                 seed=base_seed + index))
-            self._next_seq_id += 1
+        seqs = [Sequence(request_id, prompt_token_ids, params, index=i) for i in range(params.n)]
         detoks = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) for _ in seqs]
         self.requests[request_id] = Request(request_id, params, prompt_token_ids, seqs, detoks, matchers)
         for seq in seqs:
@@ -105,13 +100,13 @@ class LLMEngine:
         if self._guided is None:
             from ..guided import GuidedDecoder
 
-            self._guided = GuidedDecoder(self.tokenizer, self.vocab_size)
+            self._guided = GuidedDecoder(self.tokenizer, self.vocab_size, stop_token_ids=self.eos_token_ids)
         return self._guided.matcher(params.guided_json)
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs = [self._fail(seq.request_id, msg) for seq, msg in self.scheduler.take_errors()]
         batch = self.scheduler.schedule()
+        outputs = [self._fail(seq.request_id, seq.error or "the request cannot be scheduled") for seq in batch.failed]
         if not batch.seqs:
             return [o for o in outputs if o is not None]
         self.counters["max_running_seqs"] = max(self.counters["max_running_seqs"], len(batch.seqs))
@@ -145,39 +140,33 @@ class LLMEngine:
         return allowed, failed
 
     def _advance(self, seq: Sequence, token: int, top: dict[int, float] | None, now: float) -> RequestOutput | None:
+        """Account one sampled (already appended) token: grammar, stop conditions, text delta."""
         req = self.requests[seq.request_id]
         if token < 0:
             raise FloatingPointError("the model produced non-finite logits (NaN/inf) for this request")
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         req.completion_tokens += 1
-        params = req.params
-        finish = None
+        finish = seq.check_token_stop(self.eos_token_set, self.max_seq_len)
         if req.matchers:
             matcher = req.matchers[seq.index]
             if not matcher.accept(token):
                 raise ValueError(f"token {token} was rejected by the output grammar")
-            if matcher.is_terminated():
+            if matcher.is_terminated() and finish is None:
                 finish = "stop"
-        is_eos = token in self.eos_token_ids and not params.ignore_eos
-        if is_eos or token in params.stop_token_ids:
-            finish = "stop"
-            text, stop_hit = "", False
+        detok = req.detokenizers[seq.index]
+        if finish == "stop" and token in self.eos_token_set | set(req.params.stop_token_ids):
+            text = detok.flush()  # the stop token itself is never shown
         else:
-            text, stop_hit = req.detokenizers[seq.index].step([token])
+            text, stop_hit = detok.step([token])
             if stop_hit:
                 finish = "stop"
-        n_out = len(seq.token_ids) - seq.num_prompt_tokens
-        if finish is None and params.max_tokens is not None and n_out >= params.max_tokens:
-            finish = "length"
-        if finish is None and len(seq.token_ids) >= self.max_seq_len:
-            finish = "length"
+            elif finish is not None:
+                text += detok.flush()
         if finish is not None:
-            if not stop_hit:
-                text += req.detokenizers[seq.index].flush()
             self.scheduler.finish(seq)
             req.num_finished += 1
-        out = req.delta(seq, text, [] if (is_eos and finish) else [token], finish, top)
+        out = req.delta(seq, text, [token], finish, top)
         if req.finished:
             del self.requests[seq.request_id]
         return out
@@ -193,7 +182,7 @@ class LLMEngine:
     # ---- tools (engine thread) ---------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
         stats = dict(self.counters)
-        stats.update(self.scheduler.stats())
+        stats.update(dataclasses.asdict(self.scheduler.stats))
         stats["free_blocks"] = self.block_manager.num_free_blocks
         stats["total_blocks"] = self.runner.num_blocks
         stats["running_requests"] = len(self.requests)
@@ -202,7 +191,8 @@ class LLMEngine:
     def perplexity(self, token_ids: list[int]) -> float:
         from ..build.perplexity import perplexity
 
-        return perplexity(self.runner, token_ids)
+        return perplexity(self.runner.model, token_ids, kv_cache_dtype=self.config.kv_cache_dtype,
+                          max_context=self.max_seq_len)
 
     def save(self, engine_dir: Path) -> Path:
         from ..build import save_engine

@@ -1,0 +1,189 @@
+"""Which tokens of which sequences run in the next step.
+
+Each step has a token budget (``max_num_tokens``) and a sequence cap (``max_batch_size``). Running sequences go first,
+decodes before prefill chunks; then waiting sequences are admitted while budget and KV blocks last. A long prompt is
+split across steps (chunked prefill). When a running sequence needs a block and none is free, the most recently
+admitted sequence is preempted by recompute: its blocks are freed and it goes back to the front of the waiting
+queue with its generated tokens kept (the prefix cache often gives most of its KV back). A sequence that could not
+fit even in an empty cache fails alone with an error instead of blocking everyone. Imports no torch.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from optimum_nvidia_core.engine.block_manager import BlockManager
+from optimum_nvidia_core.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work. Sequence i computes tokens [num_computed_tokens, num_computed_tokens + num_query_tokens[i])
+    and, if samples[i], a token is sampled from its last position."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_query_tokens: list[int] = field(default_factory=list)
+    samples: list[bool] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)  # finished this step with an error (can never fit)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_query_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        return [seq for seq, sample in zip(self.seqs, self.samples) if sample]
+
+    def _add(self, seq: Sequence, num_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_query_tokens.append(num_tokens)
+        self.samples.append(seq.num_computed_tokens + num_tokens == seq.num_tokens)
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0  # non-empty batches scheduled
+    tokens_computed: int = 0  # every token run through the model (recomputation included)
+    prompt_tokens_computed: int = 0  # of those, prompt positions
+    prefix_cache_hit_tokens: int = 0  # tokens whose KV came from the prefix cache on admission
+    preemptions: int = 0
+
+
+class Scheduler:
+    def __init__(self, max_batch_size: int, max_num_tokens: int, block_manager: BlockManager):
+        if max_batch_size < 1 or max_num_tokens < 1:
+            raise ValueError(f"need max_batch_size >= 1 and max_num_tokens >= 1, got {max_batch_size}, {max_num_tokens}")
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = SchedulerStats()
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- scheduling ---------------------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self._schedule_running(batch, self.max_num_tokens)
+        if not batch.preempted:  # blocks are short: admitting more would only preempt again
+            self._schedule_waiting(batch, budget)
+        if batch.seqs:
+            self.stats.steps += 1
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        decodes = [s for s in self.running if not s.is_prefill]
+        queue = deque(decodes + [s for s in self.running if s.is_prefill])
+        scheduled: list[Sequence] = []
+        while queue and budget > 0 and len(scheduled) < self.max_batch_size:
+            seq = queue.popleft()
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_append(seq, num_tokens) and queue:
+                self._preempt(queue.pop(), batch)  # newest first; never one already scheduled this step
+            if self.block_manager.can_append(seq, num_tokens):
+                self.block_manager.append(seq, num_tokens)
+                batch._add(seq, num_tokens)
+                scheduled.append(seq)
+                budget -= num_tokens
+            elif not scheduled:  # it holds every used block and still does not fit
+                self._fail(seq, batch, self._too_big_message(seq))
+            else:
+                self._preempt(seq, batch)
+        self.running = scheduled + list(queue)
+        return budget
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        block_manager = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            if block_manager.blocks_for(seq.num_tokens) > block_manager.num_blocks:
+                self.waiting.popleft()
+                self._fail(seq, batch, self._too_big_message(seq))
+                continue
+            cached_prefix = block_manager.find_cached_prefix(seq)
+            num_cached = len(cached_prefix) * block_manager.block_size
+            num_tokens = min(seq.num_tokens - num_cached, budget)
+            if not block_manager.can_allocate(cached_prefix, num_cached + num_tokens):
+                break  # FIFO: later arrivals do not overtake the head
+            self.waiting.popleft()
+            block_manager.allocate(seq, cached_prefix, num_cached + num_tokens)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
+            self.stats.prefix_cache_hit_tokens += num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch._add(seq, num_tokens)
+            budget -= num_tokens
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self.stats.preemptions += 1
+        batch.preempted.append(seq)
+
+    def _fail(self, seq: Sequence, batch: ScheduledBatch, message: str) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "error"
+        seq.error = message
+        batch.failed.append(seq)
+
+    def _too_big_message(self, seq: Sequence) -> str:
+        bm = self.block_manager
+        return (
+            f"sequence of request {seq.request_id!r} needs {bm.blocks_for(seq.num_tokens)} KV-cache blocks of "
+            f"{bm.block_size} tokens ({seq.num_tokens} tokens so far) but the cache has only {bm.num_blocks}; "
+            f"raise num_kv_blocks (or GPU memory), or lower max_seq_len / max_tokens"
+        )
+
+    # -- after the step -----------------------------------------------------------------------------------------
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
+        """Advance each sequence past the tokens it computed and append its sampled token (None where samples[i]
+        is False). Finishing (EOS, stop strings, lengths) is the engine's call: see finish()."""
+        for seq, num_tokens, token_id in zip(batch.seqs, batch.num_query_tokens, sampled):
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            start = seq.num_computed_tokens
+            self.stats.tokens_computed += num_tokens
+            self.stats.prompt_tokens_computed += max(0, min(start + num_tokens, seq.num_prompt_tokens) - start)
+            seq.num_computed_tokens = start + num_tokens
+            if token_id is not None:
+                seq.append_token(token_id)
+
+    def finish(self, seq: Sequence, reason: str = "stop", error: str | None = None) -> None:
+        """Take seq out of the queues and free its blocks (they stay in the prefix cache)."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.error = error
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish every sequence of the request with reason "abort"; returns them."""
+        seqs = [s for s in list(self.running) + list(self.waiting) if s.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, "abort")
+        return seqs

@@ -1,0 +1,154 @@
+"""FP8 (e4m3) linear layer: y = (x_q * s_x) (W_q * s_w)^T + b.
+
+W_q is float8_e4m3fn [out, in] with a per-output-channel scale s_w [out] (or per-tensor, [1]). The activation scale
+s_x is either static per tensor ([1], from calibration) or dynamic per token ([T, 1], absmax of each row at run time).
+Quantizing means ``clamp(x / s, -448, 448).to(float8_e4m3fn)``: round-to-nearest-even, the same on CPU and GPU, so
+the CPU path is a faithful emulation of the GPU one. Products of two e4m3 numbers are exact in fp32 and both paths
+accumulate in fp32, so CPU and GPU results differ only by summation order.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+# Smallest scale we allow: keeps an all-zero row or tensor from dividing by zero.
+MIN_SCALE = 1e-12
+
+_fp8_gemm_kernel = None  # set on first CUDA call: the kernels' fp8_gemm, or False when it is not there
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale, saturated to +-448 and rounded to e4m3. ``scale`` broadcasts against ``x`` (fp32)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def absmax_scale(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The scale that maps the absolute maximum of x (over ``dim``, or all of x) to 448, as fp32."""
+    amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+    return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
+
+
+def quantize_weight(weight: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (e4m3 weight [out, in], fp32 scale [out] per channel or [1] per tensor)."""
+    scale = absmax_scale(weight, dim=1) if per_channel else absmax_scale(weight).reshape(1, 1)
+    return quantize_fp8(weight, scale), scale.reshape(-1)
+
+
+def _gpu_kernel():
+    """optimum_nvidia_core.kernels.fp8_gemm when the GPU kernels are installed, else None (looked up once)."""
+    global _fp8_gemm_kernel
+    if _fp8_gemm_kernel is None:
+        try:
+            from optimum_nvidia_core.kernels import fp8_gemm
+        except ImportError:
+            fp8_gemm = False
+        _fp8_gemm_kernel = fp8_gemm
+    return _fp8_gemm_kernel or None
+
+
+class Fp8Linear(nn.Module):
+    """Drop-in for layers.linear.Linear with e4m3 weights. Built by ``from_linear`` (quantize) or empty (load)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        per_channel: bool = True,
+        static_input_scale: bool = True,
+        bias_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.per_channel = per_channel
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device))
+        num_scales = out_features if per_channel else 1
+        self.register_buffer("weight_scale", torch.ones(num_scales, dtype=torch.float32, device=device))
+        # Static: one calibrated scale for every token. Dynamic (None): absmax of each token row at run time.
+        self.input_scale: torch.Tensor | None
+        if static_input_scale:
+            self.register_buffer("input_scale", torch.ones(1, dtype=torch.float32, device=device))
+        else:
+            self.input_scale = None
+        self.bias: torch.Tensor | None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, input_absmax: float | None, per_channel: bool = True) -> "Fp8Linear":
+        """Quantize a high-precision linear. ``input_absmax`` from calibration gives a static activation scale;
+        None gives dynamic per-token activation scales."""
+        weight = linear.weight.detach()
+        bias = getattr(linear, "bias", None)
+        module = cls(
+            weight.shape[1], weight.shape[0], bias is not None, per_channel=per_channel,
+            static_input_scale=input_absmax is not None, bias_dtype=weight.dtype, device=weight.device,
+        )
+        module.weight, module.weight_scale = quantize_weight(weight, per_channel)
+        if input_absmax is not None:
+            module.input_scale.fill_(max(float(input_absmax) / FP8_MAX, MIN_SCALE))
+        if bias is not None:
+            module.bias.copy_(bias.detach())
+        return module
+
+    def extra_repr(self) -> str:
+        weight = "per-channel" if self.per_channel else "per-tensor"
+        activation = "static" if self.input_scale is not None else "dynamic"
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, " \
+               f"weight_scale={weight}, activation_scale={activation}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] (compute dtype) -> [..., out] in x's dtype."""
+        shape = x.shape
+        x2d = x.reshape(-1, self.in_features)  # [T, in]
+        if x.is_cuda:
+            # --- Kernel dispatch point (GPU engineer): kernels.fp8_gemm(x [T,in], weight e4m3 [out,in],
+            # weight_scale fp32 [out]|[1], input_scale fp32 [1] | None (dynamic per token), bias [out] | None)
+            # -> [T, out] in x's dtype, with the numerics of _reference_forward below.
+            kernel = _gpu_kernel()
+            if kernel is not None:
+                out = kernel(x2d, self.weight, self.weight_scale, self.input_scale, self.bias)
+                return out.reshape(*shape[:-1], self.out_features)
+        x_q, x_scale = self.quantize_input(x2d)
+        if x.is_cuda and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+            out = self._scaled_mm_forward(x_q, x_scale, x.dtype)
+        else:
+            out = self._reference_forward(x_q, x_scale, x.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, in] -> (e4m3 [T, in], fp32 scale [1, 1] static or [T, 1] dynamic)."""
+        if self.input_scale is not None:
+            scale = self.input_scale.reshape(1, 1)
+        else:
+            scale = absmax_scale(x2d, dim=1)
+        return quantize_fp8(x2d, scale), scale
+
+    def _reference_forward(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        # e4m3 values upcast exactly to fp32; scales applied to the fp32 accumulator, as _scaled_mm does. On the
+        # CPU this is about 2x faster than torch._scaled_mm (which gives the same values; see the unit tests).
+        acc = x_q.float() @ self.weight.float().t()  # [T, out] fp32
+        out = acc * (x_scale * self.weight_scale.reshape(1, -1))
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(out_dtype)
+
+    def _scaled_mm_forward(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        weight_t = self.weight.t()  # column-major [in, out], as cuBLAS wants
+        if x_scale.numel() == 1 and self.weight_scale.numel() == 1:
+            out = torch._scaled_mm(x_q, weight_t, scale_a=x_scale.reshape(()), scale_b=self.weight_scale.reshape(()),
+                                   out_dtype=out_dtype)
+        else:
+            # Row-wise scaling wants [T, 1] and [1, out] fp32 scales and a bf16 output.
+            scale_a = x_scale.expand(x_q.shape[0], 1).contiguous()
+            scale_b = self.weight_scale.reshape(1, -1).expand(1, self.out_features).contiguous()
+            out = torch._scaled_mm(x_q, weight_t, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+            out = out.to(out_dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out_dtype)
+        return out

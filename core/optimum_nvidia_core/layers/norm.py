@@ -1,0 +1,32 @@
+"""RMSNorm, optionally fused with the residual add that precedes it in every decoder layer."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import cuda_kernels
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x [T, H] -> normed [T, H]; with `residual`: returns (norm(x + residual), x + residual).
+
+        Numerics follow transformers: the normalization runs in fp32 and is cast back before the weight.
+        """
+        if x.is_cuda and x.dim() == 2 and x.stride(1) == 1:  # CUDA dispatch point: one fused kernel
+            kernels = cuda_kernels()
+            if kernels is not None:
+                return kernels.rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
+            residual = x
+        input_dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * x32.to(input_dtype)
+        return out if residual is None else (out, residual)

@@ -1,0 +1,233 @@
+"""Next-token sampling for a whole batch at once, on the logits' device.
+
+Per row (one sequence): penalties (repetition over prompt + output, presence / frequency over the output, as in
+vLLM) -> EOS and stop ids banned before min_tokens -> grammar mask -> greedy argmax, or temperature -> top-k ->
+top-p -> min-p -> inverse-CDF draw. Each row's uniform number is a pure function of (sequence seed, position)
+computed with integer hashing, so a seeded sequence draws the same token whatever batch it shares, with no
+per-row generator and no host sync (the caller's one ``.tolist()`` is the only one; logprobs add a second).
+(One uniform per row, not Gumbel noise per vocabulary entry: hashing [S, V] integers cost more than the model
+step on the CPU.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from optimum_nvidia_core.engine.sequence import Sequence
+
+_GREEDY_BELOW = 1e-5  # temperatures this small are treated as greedy (the division would only add rounding)
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors ([S] each unless noted), built once per step."""
+
+    temperature: torch.Tensor  # float32, 1.0 on greedy rows
+    is_greedy: torch.Tensor  # bool
+    top_k: torch.Tensor  # int64, 0 = off
+    top_p: torch.Tensor  # float32, 1.0 = off
+    min_p: torch.Tensor  # float32, 0.0 = off
+    seeds: torch.Tensor  # int64
+    positions: torch.Tensor  # int64: position of the token being sampled (= tokens so far)
+    repetition_penalty: torch.Tensor  # float32
+    presence_penalty: torch.Tensor  # float32
+    frequency_penalty: torch.Tensor  # float32
+    # Padded with -1: [S, L] token ids. Only built when some row needs them (else None).
+    prompt_token_ids: torch.Tensor | None = None
+    output_token_ids: torch.Tensor | None = None
+    banned_token_ids: torch.Tensor | None = None  # EOS/stop ids of rows still below min_tokens
+    allowed_mask: torch.Tensor | None = None  # bool [S, V]: grammar constraint, True = allowed
+    top_k_top_p_rows: torch.Tensor | None = None  # int64 [R]: sampled rows with top-k or top-p (they need a sort)
+    # Host-side flags, so unused stages cost nothing.
+    all_greedy: bool = True
+    any_min_p: bool = False
+    num_logprobs: tuple[int | None, ...] = ()  # per row: top-N logprobs asked for, or None
+
+    @classmethod
+    def build(
+        cls,
+        seqs: list["Sequence"],
+        device: torch.device | str,
+        eos_token_ids: list[int] | tuple[int, ...] = (),
+        allowed_mask: torch.Tensor | None = None,
+    ) -> "SamplingBatch":
+        params = [seq.params for seq in seqs]
+        greedy = [p.temperature < _GREEDY_BELOW for p in params]
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        batch = cls(
+            temperature=tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
+            is_greedy=tensor(greedy, torch.bool),
+            top_k=tensor([p.top_k for p in params], torch.int64),
+            top_p=tensor([p.top_p for p in params], torch.float32),
+            min_p=tensor([p.min_p for p in params], torch.float32),
+            seeds=tensor([seq.seed for seq in seqs], torch.int64),
+            positions=tensor([seq.num_tokens for seq in seqs], torch.int64),
+            repetition_penalty=tensor([p.repetition_penalty for p in params], torch.float32),
+            presence_penalty=tensor([p.presence_penalty for p in params], torch.float32),
+            frequency_penalty=tensor([p.frequency_penalty for p in params], torch.float32),
+            allowed_mask=allowed_mask,
+            all_greedy=all(greedy),
+            any_min_p=any(p.min_p > 0.0 for p, g in zip(params, greedy) if not g),
+            num_logprobs=tuple(p.logprobs for p in params),
+        )
+        truncated = [i for i, (p, g) in enumerate(zip(params, greedy)) if not g and (p.top_k > 0 or p.top_p < 1.0)]
+        if truncated:
+            batch.top_k_top_p_rows = tensor(truncated, torch.int64)
+        if any(p.repetition_penalty != 1.0 for p in params):
+            batch.prompt_token_ids = _padded([seq.token_ids[: seq.num_prompt_tokens] for seq in seqs], device)
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+            batch.output_token_ids = _padded([seq.output_token_ids for seq in seqs], device)
+        banned = [_banned_ids(seq, eos_token_ids) for seq in seqs]
+        if any(banned):
+            batch.banned_token_ids = _padded(banned, device)
+        return batch
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # int64 [S], on the logits' device
+    logprobs: list[dict[int, float] | None] | None = None  # per row: {token: logprob} for the top-N + the sampled
+
+
+class Sampler:
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits: float [S, V] (not modified). Returns the sampled token of each row."""
+        logits = apply_penalties(logits.float(), batch)
+        logits = apply_bans(logits, batch)
+        greedy_tokens = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            tokens = greedy_tokens
+        else:
+            scaled = logits / batch.temperature[:, None]
+            rows = batch.top_k_top_p_rows
+            if rows is not None:  # sorting the vocabulary is costly on the CPU: only the rows that need it
+                truncated = apply_top_k_top_p(scaled[rows], batch.top_k[rows], batch.top_p[rows])
+                scaled = scaled.index_copy(0, rows, truncated)
+            if batch.any_min_p:
+                scaled = apply_min_p(scaled, batch.min_p)
+            drawn = draw_from(scaled.softmax(dim=-1), seeded_uniform(batch.seeds, batch.positions))
+            tokens = torch.where(batch.is_greedy, greedy_tokens, drawn)
+        logprobs = None
+        if any(n is not None for n in batch.num_logprobs):
+            logprobs = _top_logprobs(logits, tokens, batch.num_logprobs)
+        return SamplerOutput(tokens, logprobs)
+
+
+# ---- stages (each returns a new tensor; exposed for tests) -----------------------------------------------------
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Repetition (divide positive / multiply negative logits of any token seen in prompt or output), then
+    frequency (minus count in output) and presence (minus 1 if in output)."""
+    if batch.output_token_ids is None:
+        return logits
+    vocab = logits.shape[1]
+    output_counts = _token_counts(batch.output_token_ids, vocab)  # [S, V] float
+    if batch.prompt_token_ids is not None:
+        seen = (_token_counts(batch.prompt_token_ids, vocab) + output_counts) > 0
+        penalty = batch.repetition_penalty[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    logits = logits - batch.frequency_penalty[:, None] * output_counts
+    return logits - batch.presence_penalty[:, None] * (output_counts > 0).float()
+
+
+def apply_bans(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """-inf for EOS/stop ids before min_tokens, and for tokens the grammar disallows."""
+    if batch.banned_token_ids is not None:
+        logits = logits.masked_fill(_token_counts(batch.banned_token_ids, logits.shape[1]) > 0, float("-inf"))
+    if batch.allowed_mask is not None:
+        logits = logits.masked_fill(~batch.allowed_mask, float("-inf"))
+    return logits
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's top_k best tokens (0 = all), then the smallest best-first set whose probability reaches
+    top_p (a token stays if the mass strictly before it is < top_p). Others become -inf."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab)[:, None]
+    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the row's best token's probability."""
+    probs = logits.softmax(dim=-1)
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def seeded_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One uniform number in (0, 1) per row (float64 [S]) that depends only on (seed, position): counter-based."""
+    key = _mix32(_mix32(_mix32(seeds >> 32) ^ (seeds & _MASK32)) ^ (positions & _MASK32))
+    key = _mix32(key + 0x9E3779B9)  # one more round: positions that differ in one bit still decorrelate
+    return (key.double() + 0.5) * (1.0 / (1 << 32))
+
+
+def draw_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: the first token whose cumulative probability exceeds uniform * total. probs [S, V],
+    uniform [S] -> int64 [S]. Zero-probability tokens are never drawn (the CDF does not rise there)."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = uniform[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A two-round 32-bit integer hash (from C. Wellons' hash-prospector) in int64 arithmetic: inputs below 2^32
+    and multipliers below 2^31 keep every product below 2^63, so nothing overflows on any device."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """How often each token id occurs per row: [S, L] ids padded with -1 -> float [S, V]."""
+    index = token_ids.masked_fill(token_ids < 0, vocab_size)  # padding lands in a spare column
+    counts = torch.zeros(token_ids.shape[0], vocab_size + 1, device=token_ids.device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
+    return counts[:, :vocab_size]
+
+
+def _padded(rows: list[list[int]], device: torch.device | str) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _banned_ids(seq: "Sequence", eos_token_ids) -> list[int]:
+    params = seq.params
+    if seq.num_output_tokens >= params.min_tokens:
+        return []
+    return sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids)))
+
+
+def _top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_logprobs) -> list[dict[int, float] | None]:
+    """Log-probabilities of the distribution after penalties and masks, before temperature and truncation."""
+    logprobs = logits.log_softmax(dim=-1)
+    top_n = max(n or 0 for n in num_logprobs)
+    values, ids = logprobs.topk(top_n, dim=-1) if top_n else (logprobs[:, :0], tokens[:, None][:, :0])
+    sampled = logprobs.gather(1, tokens[:, None])
+    packed = torch.cat([ids.double(), values.double(), tokens[:, None].double(), sampled.double()], dim=1).tolist()
+    result: list[dict[int, float] | None] = []
+    for row, n in zip(packed, num_logprobs):
+        if n is None:
+            result.append(None)
+            continue
+        top = {int(t): v for t, v in zip(row[:n], row[top_n : top_n + n])}
+        top[int(row[-2])] = row[-1]
+        result.append(top)
+    return result

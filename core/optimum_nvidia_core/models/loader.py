@@ -1,0 +1,197 @@
+"""Checkpoint directory -> our LlamaForCausalLM, without building a transformers model.
+
+The module is built on the meta device (no memory), materialized empty on the target device in the target dtype,
+then filled by streaming the checkpoint tensor by tensor (single file or sharded through
+model.safetensors.index.json): at most one checkpoint tensor is on the host at a time. Separate q/k/v and
+gate/up tensors are copied into their row slices of the fused projections.
+
+`write_random_checkpoint` writes the reverse: a Hugging Face-layout safetensors checkpoint with random weights for
+any config (tests, benchmarks of real model shapes), also without transformers modeling code.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..hub import SUPPORTED_ARCHITECTURES, check_model_dir, weight_files
+from .llama import LlamaForCausalLM
+
+_IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer that old checkpoints saved; we recompute it
+
+
+def load_config(model_dir: Path, allow_pickle: bool = False):
+    """transformers config of a checked LLaMA-family directory (auto_map / remote code is never used)."""
+    from transformers import AutoConfig
+
+    check_model_dir(Path(model_dir), allow_pickle)
+    return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+
+
+def build_model(config, dtype: torch.dtype, device: torch.device | str) -> LlamaForCausalLM:
+    """Our model with uninitialized weights of `dtype` on `device`: fill them before use (load_weights)."""
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
+        raise ValueError(f"Unsupported architecture {architectures}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype).to_empty(device=torch.device(device))
+    model.tie_weights()  # to_empty gives each module its own tensor: share the embedding again
+    return model.eval()
+
+
+def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str,
+               allow_pickle: bool = False) -> LlamaForCausalLM:
+    """Build our model for `model_dir` and stream its weights onto `device` as `dtype`."""
+    config = load_config(model_dir, allow_pickle)
+    model = build_model(config, dtype, device)
+    load_weights(model, checkpoint_tensors(Path(model_dir), allow_pickle), total=_count_tensors(Path(model_dir)))
+    return model
+
+
+@torch.no_grad()
+def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]], total: int | None = None):
+    """Copy (checkpoint name, tensor) pairs into `model`; raise if a weight is missing or unknown."""
+    from tqdm.auto import tqdm
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    pending = _expected_parts(model)
+    unexpected = []
+    for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=None):
+        target = _our_name(name, model)
+        if target is None:
+            continue
+        param_name, shard = target
+        if param_name not in params:
+            unexpected.append(name)
+            continue
+        param = params[param_name]
+        rows = _shard_rows(model, param_name, shard)
+        destination = param if rows is None else param[rows]
+        if tuple(destination.shape) != tuple(tensor.shape):
+            raise ValueError(f"Checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(destination.shape)}: config.json does not match the weights")
+        destination.copy_(tensor)  # casts to the model dtype and moves to its device
+        pending.discard((param_name, shard))
+    if model.tie_word_embeddings:
+        pending.discard(("lm_head.weight", 0))
+    if unexpected or pending:
+        raise ValueError(
+            f"Checkpoint does not match the model: unknown tensors {unexpected[:5]}, missing "
+            f"{sorted(pending)[:5]}. Check that config.json belongs to these weights."
+        )
+
+
+def checkpoint_tensors(model_dir: Path, allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) pairs, one at a time, from every weight file of the checkpoint."""
+    for file in _weight_files_in_order(model_dir, allow_pickle):
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for name in reader.keys():
+                    yield name, reader.get_tensor(name)
+        else:  # pickle: only reached with allow_pickle=True; weights_only refuses arbitrary objects anyway
+            yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+
+
+def _weight_files_in_order(model_dir: Path, allow_pickle: bool) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = model_dir / index_name
+        if index.is_file() and (index_name.endswith("safetensors.index.json") or allow_pickle):
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [model_dir / name for name in sorted(set(weight_map.values()))]
+    return weight_files(model_dir, allow_pickle)
+
+
+def _count_tensors(model_dir: Path) -> int | None:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return len(json.loads(index.read_text())["weight_map"])
+    return None
+
+
+# ---- name mapping: Hugging Face checkpoint <-> ours -----------------------------------------------------------
+
+
+def _our_name(name: str, model: LlamaForCausalLM) -> tuple[str, int] | None:
+    """'model.layers.0.self_attn.k_proj.weight' -> ('model.layers.0.self_attn.qkv_proj.weight', 1); None = skip."""
+    if _IGNORED_KEYS.match(name) or (name == "lm_head.weight" and model.tie_word_embeddings):
+        return None
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] in model.packed_modules:
+        fused, shard = model.packed_modules[parts[-2]]
+        return ".".join(parts[:-2] + [fused, parts[-1]]), shard
+    return name, 0
+
+
+def _shard_rows(model: LlamaForCausalLM, param_name: str, shard: int) -> slice | None:
+    module = model.get_submodule(param_name.rsplit(".", 1)[0])
+    sizes = getattr(module, "output_sizes", None)
+    return module.shard_rows(shard) if sizes and len(sizes) > 1 else None
+
+
+def _expected_parts(model: LlamaForCausalLM) -> set[tuple[str, int]]:
+    expected = set()
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        num_parts = len(getattr(module, "output_sizes", [None]))
+        expected.update((name, shard) for shard in range(num_parts))
+    return expected
+
+
+def hf_weight_shapes(config) -> dict[str, tuple[int, ...]]:
+    """The Hugging Face checkpoint names and shapes for `config` (fused parameters split back into parts)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    unpacked = {}
+    for fused_part, (fused, shard) in model.packed_modules.items():
+        unpacked.setdefault(fused, {})[shard] = fused_part
+    shapes = {}
+    for name, param in model.named_parameters():  # tied lm_head appears once, as the embedding
+        module_path, leaf = name.rsplit(".", 1)
+        module = model.get_submodule(module_path)
+        owner, fused = module_path.rsplit(".", 1) if "." in module_path else ("", module_path)
+        if fused in unpacked:
+            for shard, part in unpacked[fused].items():
+                rows = module.shard_rows(shard)
+                shapes[f"{owner}.{part}.{leaf}"] = (rows.stop - rows.start, *param.shape[1:])
+        else:
+            shapes[name] = tuple(param.shape)
+    return shapes
+
+
+def write_random_checkpoint(config, out_dir: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                            max_shard_bytes: int = 2 << 30, std: float = 0.02) -> Path:
+    """Write config.json + random safetensors weights (sharded with an index past max_shard_bytes) to out_dir."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    shards, current, current_bytes = [], {}, 0
+    for name, shape in hf_weight_shapes(config).items():
+        if name.endswith("norm.weight"):
+            tensor = 1.0 + std * torch.randn(shape, generator=generator)
+        else:
+            tensor = std * torch.randn(shape, generator=generator)
+        tensor = tensor.to(dtype)
+        size = tensor.numel() * tensor.element_size()
+        if current and current_bytes + size > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = {}, 0
+        current[name], current_bytes = tensor, current_bytes + size
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    if len(shards) > 1:
+        index = {"metadata": {}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(str(out_dir))
+    return out_dir

@@ -1,0 +1,186 @@
+"""LlamaIndex messages and tools -> the core's chat dicts; the core's streamed deltas -> LlamaIndex responses.
+
+Pure conversions, no engine: the core (``LLM.chat_stream``) renders the chat template, puts tools in the prompt and
+parses tool calls; this module only changes the shape of what goes in and comes out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from llama_index.core.base.llms.types import (
+    CachePoint,
+    ChatMessage,
+    ChatResponse,
+    CompletionResponse,
+    MessageRole,
+    TextBlock,
+    ThinkingBlock,
+    ToolCallBlock,
+)
+from llama_index.core.llms.llm import ToolSelection
+
+from optimum_nvidia_core.outputs import RequestOutput
+
+# LlamaIndex roles -> the four roles chat templates know.
+_ROLES = {
+    MessageRole.SYSTEM: "system", MessageRole.DEVELOPER: "system", MessageRole.USER: "user",
+    MessageRole.ASSISTANT: "assistant", MessageRole.CHATBOT: "assistant", MessageRole.MODEL: "assistant",
+    MessageRole.TOOL: "tool", MessageRole.FUNCTION: "tool",
+}
+# Blocks that carry no text for the model: tool calls travel as "tool_calls", earlier reasoning is not fed back
+# (chat templates of reasoning models drop it too), cache points are a remote-API hint.
+_SKIPPED_BLOCKS = (ToolCallBlock, ThinkingBlock, CachePoint)
+
+
+# ---- LlamaIndex -> core -----------------------------------------------------------------------------------
+def to_chat_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI-style message dicts for ``LLM.chat_stream``; assistant tool calls and tool results round-trip."""
+    return [_to_chat_dict(message) for message in messages]
+
+
+def _to_chat_dict(message: ChatMessage) -> dict[str, Any]:
+    role = _ROLES.get(message.role)
+    if role is None:
+        raise ValueError(f"OptimumNvidiaLLM cannot send a message with role {message.role!r}; use one of "
+                         f"{sorted(r.value for r in _ROLES)}")
+    out: dict[str, Any] = {"role": role, "content": _text(message, role)}
+    if role == "assistant":
+        calls = _tool_calls_of(message)
+        if calls:
+            out["tool_calls"] = calls
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if message.additional_kwargs.get(key):
+                out[key] = message.additional_kwargs[key]
+        if "name" not in out and message.additional_kwargs.get("tool_name"):
+            out["name"] = message.additional_kwargs["tool_name"]
+    return out
+
+
+def _text(message: ChatMessage, role: str) -> str:
+    """The message's text; a non-text block (image, audio, document) is refused: the model reads text only."""
+    parts: list[str] = []
+    for block in message.blocks:
+        if isinstance(block, TextBlock):
+            parts.append(block.text)
+        elif not isinstance(block, _SKIPPED_BLOCKS):
+            raise ValueError(
+                f"a {role} message has a {type(block).__name__}, but this is a text-only model; "
+                "send TextBlocks (or describe the file in words)"
+            )
+    return "\n".join(parts)
+
+
+def _tool_calls_of(message: ChatMessage) -> list[dict[str, Any]]:
+    """The assistant's tool calls: ToolCallBlocks (LlamaIndex >= 0.14) or OpenAI-style additional_kwargs."""
+    calls = [
+        {"id": block.tool_call_id or f"call_{i}", "type": "function",
+         "function": {"name": block.tool_name, "arguments": _arguments(block.tool_kwargs)}}
+        for i, block in enumerate(message.blocks) if isinstance(block, ToolCallBlock)
+    ]
+    if calls:
+        return calls
+    for i, call in enumerate(message.additional_kwargs.get("tool_calls") or []):
+        call = call.model_dump() if hasattr(call, "model_dump") else dict(call)
+        function = call.get("function") or {}
+        calls.append({"id": call.get("id") or f"call_{i}", "type": "function",
+                      "function": {"name": function.get("name", ""), "arguments": _arguments(function.get("arguments"))}})
+    return calls
+
+
+def _arguments(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except (TypeError, ValueError):
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def to_tool_specs(tools: Sequence[Any]) -> list[dict[str, Any]]:
+    """OpenAI-style tool specs from LlamaIndex tools (anything with ``.metadata.to_openai_tool()``)."""
+    return [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools]
+
+
+def to_tool_choice(tool_choice: str | dict[str, Any] | None, tool_required: bool) -> str | None:
+    """The core's tool_choice: None/"auto", "none", "required" or a tool's name (OpenAI dict forms accepted)."""
+    if isinstance(tool_choice, dict):
+        function = tool_choice.get("function") or {}
+        name = function.get("name") or tool_choice.get("name")
+        if not name:
+            raise ValueError(f"tool_choice {tool_choice!r} names no tool; pass a tool name, 'auto', 'none' or "
+                             "'required', or {'type': 'function', 'function': {'name': ...}}")
+        return name
+    if tool_choice in (None, "auto") and tool_required:
+        return "required"
+    return tool_choice
+
+
+# ---- core -> LlamaIndex -----------------------------------------------------------------------------------
+def check_delta(delta: RequestOutput) -> None:
+    if delta.error or delta.finish_reason == "error":
+        raise RuntimeError(f"generation failed in the engine: {delta.error or 'unknown error'}")
+
+
+def response_kwargs(delta: RequestOutput, model_name: str) -> dict[str, Any]:
+    """additional_kwargs of a finished response: token counts (OpenAI names), finish reason and timings."""
+    if not delta.finished:
+        return {}
+    usage = delta.usage
+    out: dict[str, Any] = {"model_name": model_name, "finish_reason": delta.finish_reason}
+    if usage is not None:
+        out.update(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                   total_tokens=usage.total_tokens, cached_tokens=usage.cached_tokens)
+    if delta.metrics is not None:
+        out["time_to_first_token_s"] = delta.metrics.time_to_first_token
+        out["decode_tokens_per_s"] = delta.metrics.decode_tokens_per_s(usage.completion_tokens if usage else 0)
+    return out
+
+
+def chat_response(text: str, delta: RequestOutput, model_name: str) -> ChatResponse:
+    """The reply so far (``text``) with this step's ``delta``; the last one carries the tool calls as blocks."""
+    blocks: list[Any] = [TextBlock(text=text)] if text or not delta.tool_calls else []
+    blocks += [ToolCallBlock(tool_call_id=call.id, tool_name=call.name, tool_kwargs=call.arguments)
+               for call in delta.tool_calls]
+    message = ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks)
+    kwargs = response_kwargs(delta, model_name)
+    return ChatResponse(message=message, delta=delta.text, raw=_raw(delta), additional_kwargs=kwargs)
+
+
+def completion_response(text: str, delta: RequestOutput, model_name: str) -> CompletionResponse:
+    kwargs = response_kwargs(delta, model_name)
+    return CompletionResponse(text=text, delta=delta.text, raw=_raw(delta), additional_kwargs=kwargs)
+
+
+def _raw(delta: RequestOutput) -> dict[str, Any]:
+    # A plain dict: agents put ``raw`` into their event streams, which must serialize.
+    return dataclasses.asdict(delta)
+
+
+def tool_selections(message: ChatMessage) -> list[ToolSelection]:
+    """The tool calls of an assistant message as LlamaIndex ToolSelections."""
+    return [
+        ToolSelection(tool_id=block.tool_call_id or "", tool_name=block.tool_name,
+                      tool_kwargs=_arguments(block.tool_kwargs))
+        for block in message.blocks if isinstance(block, ToolCallBlock)
+    ]
+
+
+def keep_first_tool_call(response: ChatResponse) -> ChatResponse:
+    """Drop all tool calls but the first (LlamaIndex's allow_parallel_tool_calls=False)."""
+    blocks, seen = [], False
+    for block in response.message.blocks:
+        if isinstance(block, ToolCallBlock):
+            if seen:
+                continue
+            seen = True
+        blocks.append(block)
+    response.message.blocks = blocks
+    return response
+

@@ -1,0 +1,109 @@
+"""FP8 GEMM, fused residual + RMSNorm, SiLU*mul and rotary kernels against float64 torch references."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.gpu.kernel_checks import DTYPE, INTERPRET, poison, rel_err
+
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_reference(x, w_q, w_scale, input_scale, bias):
+    """The numerics of layers.fp8_linear: quantize x (static or per-token scale), fp8 x fp8 exact, scale, bias."""
+    if input_scale is None:
+        x_scale = (x.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp(min=1e-12)
+    else:
+        x_scale = input_scale.reshape(1, 1)
+    x_q = (x.float() / x_scale).clamp(-448, 448).to(FP8)
+    out = (x_q.double() @ w_q.double().t()) * (x_scale.double() * w_scale.double().reshape(1, -1))
+    return out if bias is None else out + bias.double()
+
+
+SHAPES = [(4096, 4096), (12288, 4096), (4096, 11008), (1000, 272)] if not INTERPRET else [(96, 64), (40, 272)]
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 40, 64, 200] if not INTERPRET else [1, 17])
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fp8_gemm_kernel(device, m, n, k, dynamic):
+    from optimum_nvidia_core.kernels import fp8_gemm
+
+    x = torch.randn(m, k, device=device, dtype=DTYPE) * (1 + 3 * torch.rand(m, 1, device=device))
+    weight = torch.randn(n, k, device=device) * 0.05
+    per_channel = n % 2 == 0
+    w_scale = (weight.abs().amax(1) / 448) if per_channel else (weight.abs().amax() / 448).reshape(1)
+    w_q = (weight / w_scale.reshape(-1, 1)).clamp(-448, 448).to(FP8)
+    input_scale = None if dynamic else (x.abs().amax().float() / 448).reshape(1) * 1.1
+    bias = torch.randn(n, device=device, dtype=DTYPE) if n != 4096 else None
+    out = poison(torch.empty(m, n, device=device, dtype=DTYPE))
+    fp8_gemm(x, w_q, w_scale.float(), input_scale, bias, out=out)
+    err = rel_err(out, fp8_reference(x, w_q, w_scale.float(), input_scale, bias))
+    assert err < (1e-1 if INTERPRET else 5e-3), f"relative error {err:.2e}"
+
+
+def test_fp8_gemm_split_k_and_configs(device):
+    """Every tile shape the benchmark may pick computes the same function."""
+    from optimum_nvidia_core.kernels.fp8_gemm import GemmConfig, fp8_gemm
+
+    m, n, k = (5, 256, 2048) if not INTERPRET else (5, 64, 512)
+    x = torch.randn(m, k, device=device, dtype=DTYPE)
+    w_q = (torch.randn(n, k, device=device) * 50).clamp(-448, 448).to(FP8)
+    w_scale = torch.rand(n, device=device) + 0.01
+    ref = fp8_reference(x, w_q, w_scale, None, None)
+    for config in [GemmConfig(16, 32, 128, 1), GemmConfig(16, 64, 256, 4), GemmConfig(32, 32, 256, 2, upcast=not INTERPRET)]:
+        out = poison(torch.empty(m, n, device=device, dtype=DTYPE))
+        fp8_gemm(x, w_q, w_scale, None, None, config=config, out=out)
+        assert rel_err(out, ref) < (1e-1 if INTERPRET else 5e-3), config
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 4096), (37, 576), (300, 5120)] if not INTERPRET else [(3, 576)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_kernel(device, rows, hidden, with_residual):
+    from optimum_nvidia_core.kernels import rms_norm
+
+    x = torch.randn(rows, hidden, device=device, dtype=DTYPE)
+    residual = torch.randn_like(x) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(DTYPE)
+    out = poison(torch.empty_like(x))
+    res_out = poison(torch.empty_like(x)) if with_residual else None
+    rms_norm(x, weight, 1e-5, residual, out=out, residual_out=res_out)
+    summed = (x.double() + residual.double()) if with_residual else x.double()
+    ref = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    assert rel_err(out, ref) < 1e-2
+    if with_residual:
+        assert rel_err(res_out, summed) < 4e-3
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 11008), (19, 1536), (256, 14336)] if not INTERPRET else [(3, 1536)])
+def test_silu_and_mul_kernel(device, rows, inter):
+    from optimum_nvidia_core.kernels import silu_and_mul
+
+    x = torch.randn(rows, 2 * inter, device=device, dtype=DTYPE) * 3
+    out = poison(torch.empty(rows, inter, device=device, dtype=DTYPE))
+    silu_and_mul(x, out=out)
+    gate, up = x.double().chunk(2, dim=-1)
+    assert rel_err(out, torch.nn.functional.silu(gate) * up) < 1e-2
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,rot_dim", [(32, 8, 128, 128), (9, 3, 64, 64), (4, 4, 64, 32)])
+def test_rotary_kernel(device, num_heads, num_kv_heads, head_dim, rot_dim):
+    from optimum_nvidia_core.kernels import apply_rotary
+
+    tokens = 50
+    positions = torch.randint(0, 8192, (tokens,), device=device)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, rot_dim, 2, device=device).float() / rot_dim))).contiguous()
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, device=device, dtype=DTYPE)
+    q = qkv[:, :num_heads * head_dim].view(tokens, num_heads, head_dim)  # strided views, as the model has them
+    k = qkv[:, num_heads * head_dim:(num_heads + num_kv_heads) * head_dim].view(tokens, num_kv_heads, head_dim)
+    q0, k0 = q.double().clone(), k.double().clone()
+    apply_rotary(q, k, positions, inv_freq)
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]  # [T, R/2]
+
+    def rotate(x):
+        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+        half = rot_dim // 2
+        x1, x2, rest = x[..., :half], x[..., half:rot_dim], x[..., rot_dim:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+    assert rel_err(q, rotate(q0)) < 1e-2 and rel_err(k, rotate(k0)) < 1e-2

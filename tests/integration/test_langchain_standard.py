@@ -1,0 +1,66 @@
+"""langchain-tests' standard integration suite for ChatOptimumNvidia on the real SmolLM2-135M-Instruct (CPU).
+
+Every test's model shares one engine (the core's registry keys engines by model and options). Greedy decoding
+keeps the runs reproducible; max_tokens stays small so the suite is quick on two CPU cores.
+"""
+from __future__ import annotations
+
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+
+from langchain_optimum_nvidia import ChatOptimumNvidia
+from optimum_nvidia_core.hub import DEFAULT_MODEL, resolve_model
+
+
+class TestChatOptimumNvidiaIntegration(ChatModelIntegrationTests):
+    @property
+    def chat_model_class(self) -> type[ChatOptimumNvidia]:
+        return ChatOptimumNvidia
+
+    @property
+    def chat_model_params(self) -> dict:
+        # 64 tokens is enough for a whole constrained JSON joke or tool call from this model.
+        return {"model": DEFAULT_MODEL, "temperature": 0, "max_tokens": 64, "device": "cpu"}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
+
+    @property
+    def supported_usage_metadata_details(self) -> dict:
+        # input_token_details.cache_read: prompt tokens served from the engine's prefix cache.
+        return {"invoke": ["cache_read_input"], "stream": ["cache_read_input"]}
+
+    def invoke_with_cache_read_input(self, *, stream: bool = False):
+        model = ChatOptimumNvidia(**self.chat_model_params)
+        question = "Repeat after me, word for word: " + "the quick brown fox jumps over the lazy dog. " * 4
+        model.invoke(question)  # fills the prefix cache with the prompt's full blocks
+        if not stream:
+            return model.invoke(question)
+        full = None
+        for chunk in model.stream(question):
+            full = chunk if full is None else full + chunk
+        assert full.usage_metadata["input_token_details"]["cache_read"] > 0
+        return full
+
+    @property
+    def model_override_value(self) -> str:
+        # The same weights under another name (the local directory the default id resolves to): a per-call
+        # `model=` override reaches a second engine and is reported as the response's model_name.
+        return str(resolve_model(DEFAULT_MODEL))
+

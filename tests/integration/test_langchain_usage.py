@@ -1,0 +1,89 @@
+"""The LangChain plugin in real use on SmolLM2-135M-Instruct (CPU): an LCEL chain streamed, a LangGraph agent
+loop with one tool, structured output, and the text-completion LLM class."""
+from __future__ import annotations
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.tools import tool
+from pydantic import BaseModel, Field
+
+from langchain_optimum_nvidia import ChatOptimumNvidia, OptimumNvidia
+from optimum_nvidia_core.hub import DEFAULT_MODEL
+
+OPTIONS = {"model": DEFAULT_MODEL, "temperature": 0, "device": "cpu"}
+
+
+@tool
+def get_weather(city: str) -> str:
+    """Get the current weather in a city."""
+    return f"It is sunny and 24 degrees Celsius in {city}."
+
+
+class City(BaseModel):
+    """A city and the country it is in."""
+
+    name: str = Field(description="the city's name")
+    country: str = Field(description="the country the city is in")
+
+
+@pytest.fixture(scope="module")
+def chat():
+    return ChatOptimumNvidia(max_tokens=40, **OPTIONS)
+
+
+def test_lcel_chain_streams_token_by_token(chat):
+    prompt = ChatPromptTemplate.from_messages(
+        [("system", "You are a helpful assistant. Answer in one sentence."), ("human", "{question}")]
+    )
+    chain = prompt | chat | StrOutputParser()
+    pieces = list(chain.stream({"question": "What is the capital of France?"}))
+    assert len([p for p in pieces if p]) >= 3
+    answer = "".join(pieces)
+    assert "Paris" in answer
+    assert answer == chain.invoke({"question": "What is the capital of France?"})
+
+
+async def test_lcel_chain_astreams(chat):
+    chain = ChatPromptTemplate.from_messages([("human", "{question}")]) | chat | StrOutputParser()
+    pieces = [p async for p in chain.astream({"question": "What is the capital of France?"})]
+    assert len(pieces) >= 3 and "Paris" in "".join(pieces)
+
+
+def test_langgraph_agent_loop_calls_the_tool_and_uses_its_result(chat):
+    from langgraph.prebuilt import create_react_agent
+
+    agent = create_react_agent(chat, [get_weather])
+    result = agent.invoke({"messages": [HumanMessage("What is the weather in Paris?")]})
+    messages = result["messages"]
+    calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
+    assert calls and calls[0]["name"] == "get_weather" and "Paris" in calls[0]["args"]["city"]
+    tool_results = [m for m in messages if isinstance(m, ToolMessage)]
+    assert tool_results and "sunny" in tool_results[0].content
+    final = messages[-1]
+    assert isinstance(final, AIMessage) and not final.tool_calls and final.content
+
+
+def test_structured_output_fills_the_schema(chat):
+    structured = chat.with_structured_output(City)
+    city = structured.invoke("Paris is the capital of France. Which city and country is this about?")
+    assert isinstance(city, City)
+    assert "Paris" in city.name and "France" in city.country
+
+
+def test_forced_tool_call_picks_arguments_from_the_question(chat):
+    message = chat.bind_tools([get_weather], tool_choice="get_weather").invoke("Is it raining in Tokyo?")
+    assert message.tool_calls[0]["name"] == "get_weather"
+    assert "Tokyo" in message.tool_calls[0]["args"]["city"]
+
+
+def test_text_llm_invoke_stream_batch():
+    llm = OptimumNvidia(max_tokens=12, **OPTIONS)
+    prompt = "The capital of France is"
+    text = llm.invoke(prompt)
+    assert "Paris" in text
+    pieces = list(llm.stream(prompt))
+    assert len(pieces) >= 3 and "".join(pieces) == text
+    batch = llm.batch([prompt, "The capital of Germany is"])
+    assert batch[0] == text and "Berlin" in batch[1]
