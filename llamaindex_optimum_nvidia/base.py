@@ -33,9 +33,10 @@ from optimum_nvidia_core.outputs import RequestOutput
 from optimum_nvidia_core.sampling_params import SamplingParams
 
 from .messages import (
-    chat_response,
-    check_delta,
-    completion_response,
+    achat_responses,
+    acompletion_responses,
+    chat_responses,
+    completion_responses,
     keep_first_tool_call,
     to_chat_dicts,
     to_tool_choice,
@@ -144,41 +145,45 @@ class OptimumNvidiaLLM(FunctionCallingLLM):
     # ---- chat --------------------------------------------------------------------------------------------
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return _last(self._chat_responses(self._chat_deltas(self.get_llm(), messages, kwargs)))
+        return _last(chat_responses(self.model_id, self._chat_deltas(self.get_llm(), messages, kwargs)))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        return self._chat_responses(self._chat_deltas(self.get_llm(), messages, kwargs))
+        return chat_responses(self.model_id, self._chat_deltas(self.get_llm(), messages, kwargs))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         llm = await self.aget_llm()
-        return await _alast(self._achat_responses(self._achat_deltas(llm, messages, kwargs)))
+        return await _alast(achat_responses(self.model_id, self._achat_deltas(llm, messages, kwargs)))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         llm = await self.aget_llm()
-        return self._achat_responses(self._achat_deltas(llm, messages, kwargs))
+        return achat_responses(self.model_id, self._achat_deltas(llm, messages, kwargs))
 
     # ---- completion --------------------------------------------------------------------------------------
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return _last(self._completion_responses(self._completion_deltas(self.get_llm(), prompt, formatted, kwargs)))
+        deltas = self._completion_deltas(self.get_llm(), prompt, formatted, kwargs)
+        return _last(completion_responses(self.model_id, deltas))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        return self._completion_responses(self._completion_deltas(self.get_llm(), prompt, formatted, kwargs))
+        deltas = self._completion_deltas(self.get_llm(), prompt, formatted, kwargs)
+        return completion_responses(self.model_id, deltas)
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         llm = await self.aget_llm()
-        return await _alast(self._acompletion_responses(self._acompletion_deltas(llm, prompt, formatted, kwargs)))
+        deltas = self._acompletion_deltas(llm, prompt, formatted, kwargs)
+        return await _alast(acompletion_responses(self.model_id, deltas))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any
                                ) -> CompletionResponseAsyncGen:
         llm = await self.aget_llm()
-        return self._acompletion_responses(self._acompletion_deltas(llm, prompt, formatted, kwargs))
+        deltas = self._acompletion_deltas(llm, prompt, formatted, kwargs)
+        return acompletion_responses(self.model_id, deltas)
 
     # ---- tools -------------------------------------------------------------------------------------------
     def _prepare_chat_with_tools(
@@ -257,34 +262,6 @@ class OptimumNvidiaLLM(FunctionCallingLLM):
     def _completion_messages(self, prompt: str) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return [*system, {"role": "user", "content": self.completion_to_prompt(prompt)}]
-
-    def _chat_responses(self, deltas: Iterator[RequestOutput]) -> ChatResponseGen:
-        text = ""
-        for delta in deltas:
-            check_delta(delta)
-            text += delta.text
-            yield chat_response(text, delta, self.model_id)
-
-    async def _achat_responses(self, deltas: AsyncIterator[RequestOutput]) -> ChatResponseAsyncGen:
-        text = ""
-        async for delta in deltas:
-            check_delta(delta)
-            text += delta.text
-            yield chat_response(text, delta, self.model_id)
-
-    def _completion_responses(self, deltas: Iterator[RequestOutput]) -> CompletionResponseGen:
-        text = ""
-        for delta in deltas:
-            check_delta(delta)
-            text += delta.text
-            yield completion_response(text, delta, self.model_id)
-
-    async def _acompletion_responses(self, deltas: AsyncIterator[RequestOutput]) -> CompletionResponseAsyncGen:
-        text = ""
-        async for delta in deltas:
-            check_delta(delta)
-            text += delta.text
-            yield completion_response(text, delta, self.model_id)
 
 
 def _last(responses: Iterator[Any]) -> Any:

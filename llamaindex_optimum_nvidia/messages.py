@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import (
     CachePoint,
     ChatMessage,
     ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
     CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
     MessageRole,
     TextBlock,
     ThinkingBlock,
@@ -87,7 +91,8 @@ def _tool_calls_of(message: ChatMessage) -> list[dict[str, Any]]:
         call = call.model_dump() if hasattr(call, "model_dump") else dict(call)
         function = call.get("function") or {}
         calls.append({"id": call.get("id") or f"call_{i}", "type": "function",
-                      "function": {"name": function.get("name", ""), "arguments": _arguments(function.get("arguments"))}})
+                      "function": {"name": function.get("name", ""),
+                                   "arguments": _arguments(function.get("arguments"))}})
     return calls
 
 
@@ -156,6 +161,38 @@ def chat_response(text: str, delta: RequestOutput, model_name: str) -> ChatRespo
 def completion_response(text: str, delta: RequestOutput, model_name: str) -> CompletionResponse:
     kwargs = response_kwargs(delta, model_name)
     return CompletionResponse(text=text, delta=delta.text, raw=_raw(delta), additional_kwargs=kwargs)
+
+
+def chat_responses(model_name: str, deltas: Iterator[RequestOutput]) -> ChatResponseGen:
+    text = ""
+    for delta in deltas:
+        check_delta(delta)
+        text += delta.text
+        yield chat_response(text, delta, model_name)
+
+
+async def achat_responses(model_name: str, deltas: AsyncIterator[RequestOutput]) -> ChatResponseAsyncGen:
+    text = ""
+    async for delta in deltas:
+        check_delta(delta)
+        text += delta.text
+        yield chat_response(text, delta, model_name)
+
+
+def completion_responses(model_name: str, deltas: Iterator[RequestOutput]) -> CompletionResponseGen:
+    text = ""
+    for delta in deltas:
+        check_delta(delta)
+        text += delta.text
+        yield completion_response(text, delta, model_name)
+
+
+async def acompletion_responses(model_name: str, deltas: AsyncIterator[RequestOutput]) -> CompletionResponseAsyncGen:
+    text = ""
+    async for delta in deltas:
+        check_delta(delta)
+        text += delta.text
+        yield completion_response(text, delta, model_name)
 
 
 def _raw(delta: RequestOutput) -> dict[str, Any]:

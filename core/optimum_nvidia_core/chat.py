@@ -17,6 +17,7 @@ Templates that read ``tools`` (Llama 3.1+, Qwen2.5, Hermes) get them natively. F
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -315,7 +316,8 @@ class ChatFormatter:
     def __init__(self, tokenizer: Any, model_dir: str | Path | None = None, chat_template: str | None = None):
         self.tokenizer = tokenizer
         self.chat_template = chat_template or _template_from_dir(tokenizer, model_dir)
-        template = self._template(tools=None, strict=False)
+        # The template used when tools are given (a tokenizer may keep a separate "tool_use" one).
+        template = self._template(tools=[], strict=False)
         self.native_tools = template is not None and _reads_tools(template)
         # Templates of the Hermes/Qwen family (and our fallback) open calls with <tool_call>; Llama 3.x emits bare JSON.
         use_tag = not self.native_tools or TOOL_CALL_OPEN in template
@@ -328,11 +330,12 @@ class ChatFormatter:
         conversation = normalize_messages(messages)
         tools = normalize_tools(tools) if tool_choice != "none" else []
         template = self._template(tools or None)
-        if not self.native_tools:
+        native = _reads_tools(template)
+        if not native:
             conversation = _fallback_conversation(conversation, tools, tool_choice)
         try:
             return self.tokenizer.apply_chat_template(
-                conversation, tools=(tools or None) if self.native_tools else None, chat_template=template,
+                conversation, tools=(tools or None) if native else None, chat_template=template,
                 add_generation_prompt=add_generation_prompt, tokenize=False, return_dict=False)
         except Exception as exc:  # jinja2 errors, the template's raise_exception(), KeyError/TypeError inside it
             roles = [m["role"] for m in conversation]
@@ -364,6 +367,7 @@ def _template_from_dir(tokenizer: Any, model_dir: str | Path | None) -> str | No
     return None
 
 
+@functools.lru_cache(maxsize=16)
 def _reads_tools(template: str) -> bool:
     """Whether the Jinja template uses the ``tools`` variable (else tools passed to it would be silently dropped)."""
     import jinja2

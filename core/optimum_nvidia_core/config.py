@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Options that change the built engine (weights, scales, shapes). Everything else is a runtime choice.
 BUILD_OPTIONS = (
@@ -44,6 +44,14 @@ class EngineConfig(BaseModel):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> "EngineConfig":
+        # Every running sequence needs one token of the step budget to decode.
+        if self.max_num_tokens < self.max_batch_size:
+            raise ValueError(f"max_num_tokens ({self.max_num_tokens}) must be >= max_batch_size "
+                             f"({self.max_batch_size}); raise max_num_tokens or lower max_batch_size")
+        return self
 
     def build_options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in BUILD_OPTIONS}

@@ -56,7 +56,8 @@ def check_json_schema(schema: Any, what: str = "the JSON schema") -> None:
     try:
         text = schema_text(schema)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} is not JSON-serializable ({exc}); use only dicts, lists, str, numbers, bools") from None
+        raise ValueError(f"{what} is not JSON-serializable ({exc}); use only dicts, lists, str, numbers, "
+                         "bools and None") from None
     try:
         _import_xgrammar()
     except ImportError:

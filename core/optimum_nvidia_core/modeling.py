@@ -17,7 +17,7 @@
 Every row of a call is submitted to the in-flight runtime at once; rows finish independently. Batches may be padded on
 the left (as transformers wants for decoder-only models) or on the right: ``attention_mask`` says which tokens are real.
 Generation options follow transformers: what the call does not set comes from the model's generation_config.json, then
-from transformers' own defaults (greedy, max_length=20, top_k=50 when sampling).
+from transformers' own defaults (greedy, 20 new tokens, top_k=50 when sampling).
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ from .llm import LLM
 from .sampling_params import SamplingParams
 
 # transformers' fallbacks for what neither the call nor the model's generation_config sets
-# (GenerationConfig._get_default_generation_params in transformers 5).
+# (GenerationConfig._get_default_generation_params in transformers 5). With no max_length nor max_new_tokens set,
+# transformers 5 generates DEFAULT_NEW_TOKENS new tokens.
+DEFAULT_NEW_TOKENS = 20
 HF_GENERATION_DEFAULTS: dict[str, Any] = {
-    "max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
+    "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
     "num_return_sequences": 1,
 }
 # The generate() options we honour; they are the names transformers uses.
@@ -105,7 +107,8 @@ class CausalLM:
         settings = self.generation_settings(self._given(options))
         rows = unpadded_rows(input_ids, attention_mask)
         self._check_prompt_lengths(rows)
-        params = [to_sampling_params(settings, len(row)) for row in rows]
+        width = max(len(row) for row in rows) if attention_mask is None else int(torch.as_tensor(input_ids).shape[-1])
+        params = [to_sampling_params(settings, width)] * len(rows)
         outputs = self.llm.generate(rows, params)  # all rows enter the running batch together
         sequences = [[row + choice.token_ids for choice in out.choices] for row, out in zip(rows, outputs)]
         ids, lengths = pad_sequences(sequences, self._pad_token_id(settings))
@@ -161,10 +164,13 @@ class CausalLM:
 
 
 def to_sampling_params(settings: dict[str, Any], prompt_len: int) -> SamplingParams:
-    """transformers-style generation settings for a prompt of ``prompt_len`` tokens -> SamplingParams."""
+    """transformers-style generation settings -> SamplingParams. ``prompt_len`` is what max_length/min_length count
+    as the prompt: the padded width of the batch, as in transformers' generate."""
     s = {**HF_GENERATION_DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
     max_new = s.get("max_new_tokens")
-    if max_new is None:
+    if max_new is None and s.get("max_length") is None:
+        max_new = DEFAULT_NEW_TOKENS
+    elif max_new is None:
         max_new = s["max_length"] - prompt_len
         if max_new < 1:
             raise ValueError(f"the prompt has {prompt_len} tokens but max_length is {s['max_length']}; "

@@ -51,11 +51,24 @@ async def test_lcel_chain_astreams(chat):
     assert len(pieces) >= 3 and "Paris" in "".join(pieces)
 
 
-def test_langgraph_agent_loop_calls_the_tool_and_uses_its_result(chat):
-    from langgraph.prebuilt import create_react_agent
+def _agent(chat, tools):
+    """The classic LangGraph agent loop: model -> tools (while it calls tools) -> model -> answer."""
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode, tools_condition
 
-    agent = create_react_agent(chat, [get_weather])
-    result = agent.invoke({"messages": [HumanMessage("What is the weather in Paris?")]})
+    model = chat.bind_tools(tools)
+    graph = StateGraph(MessagesState)
+    graph.add_node("model", lambda state: {"messages": [model.invoke(state["messages"])]})
+    graph.add_node("tools", ToolNode(tools))
+    graph.add_edge(START, "model")
+    graph.add_conditional_edges("model", tools_condition)
+    graph.add_edge("tools", "model")
+    return graph.compile()
+
+
+def test_langgraph_agent_loop_calls_the_tool_and_uses_its_result(chat):
+    agent = _agent(chat, [get_weather])
+    result = agent.invoke({"messages": [HumanMessage("What is the weather in Paris?")]}, {"recursion_limit": 6})
     messages = result["messages"]
     calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
     assert calls and calls[0]["name"] == "get_weather" and "Paris" in calls[0]["args"]["city"]

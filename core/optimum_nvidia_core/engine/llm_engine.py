@@ -72,6 +72,10 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens but max_seq_len is {self.max_seq_len}; shorten it, set "
                 "SamplingParams(truncate_prompt_tokens=N) to keep the last N tokens, or build with a larger "
                 "max_seq_len")
+        if params.guided_json is not None:
+            from ..guided import check_json_schema
+
+            check_json_schema(params.guided_json, "guided_json")
         room = self.max_seq_len - len(ids)
         if params.max_tokens is not None and params.max_tokens > room:
             raise ValueError(
@@ -113,7 +117,14 @@ class LLMEngine:
         self.counters["max_batch_tokens"] = max(self.counters["max_batch_tokens"], sum(batch.num_query_tokens))
         allowed, failed = self._grammar_masks(batch)
         outputs += [self._fail(rid, msg) for rid, msg in failed]
-        tokens, logprobs = self.runner.run(batch, allowed)
+        try:
+            tokens, logprobs = self.runner.run(batch, allowed)
+        except Exception as exc:  # e.g. out of memory on a huge prefill: fail this batch, keep serving
+            logger.exception("model step failed")
+            self.block_manager.reset_prefix_cache()  # blocks registered this step hold no valid KV
+            message = f"the model step failed: {type(exc).__name__}: {exc}"
+            outputs += [self._fail(s.request_id, message) for s in batch.seqs]
+            return [o for o in outputs if o is not None]
         self.scheduler.postprocess(batch, tokens)
         now = time.perf_counter()
         for seq, token, top in zip(batch.seqs, tokens, logprobs):
@@ -133,8 +144,7 @@ class LLMEngine:
             if not samples or req is None or not req.matchers:
                 continue
             row = torch.zeros(self.vocab_size, dtype=torch.bool)
-            req.matchers[seq.index].fill_mask(row)
-            if not bool(row.any()):
+            if not req.matchers[seq.index].fill_mask(row):
                 failed.append((seq.request_id, "the output grammar allows no next token; check the JSON schema"))
             allowed[i] = row
         return allowed, failed

@@ -1,0 +1,1 @@
+"""Model code: the LLaMA family (models.llama) and the checkpoint loader (models.loader)."""
