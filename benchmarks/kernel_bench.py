@@ -61,7 +61,7 @@ def _rotating(fn, items):
 
 def gemm_rows(m_values=(1, 16, 64), configs=None, shapes=GEMM_SHAPES) -> list[dict]:
     """Weight bytes per second of each decode GEMM: cuBLAS bf16, cuBLAS fp8 (_scaled_mm), our fp8 kernel."""
-    from optimum_nvidia_core.kernels.fp8_gemm import fp8_gemm, pick_config
+    from optimum_nvidia_core.kernels.fp8_gemm import choose, fp8_gemm
 
     rows = []
     for name, n, k in shapes:
@@ -87,21 +87,9 @@ def gemm_rows(m_values=(1, 16, 64), configs=None, shapes=GEMM_SHAPES) -> list[di
                 weight_bytes = n * k * (2 if key == "cublas_bf16" else 1)
                 row[key + "_us"] = ms * 1e3
                 row[key + "_TBps"] = weight_bytes / ms / 1e9
-            row["picked"] = tuple(pick_config(m, n, k, x.device))
+            row["picked"] = tuple(choose(x, w8[0], w_scale, x_scale, None))
             rows.append(row)
     return rows
-
-
-def sweep_configs() -> list:
-    from optimum_nvidia_core.kernels.fp8_gemm import GemmConfig
-
-    configs = []
-    for block_n in (32, 64, 128):
-        for block_k in (128, 256, 512):
-            for split_k in (1, 2, 4):
-                for upcast in (False, True):
-                    configs.append(GemmConfig(16, block_n, block_k, split_k, 4, 4, upcast))
-    return configs
 
 
 def attention_rows() -> list[dict]:
@@ -143,7 +131,7 @@ def print_table(rows: list[dict], keys: list[str]) -> None:
 
 def main() -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sweep", action="store_true", help="also time every fp8 GEMM tile config at M=1")
+    parser.add_argument("--sweep", action="store_true", help="also time every fp8 GEMM candidate at M=1 and 16")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     result = {"gpu": torch.cuda.get_device_name(), "ceilings": ceilings()}
@@ -153,11 +141,15 @@ def main() -> dict:
     result["gemm"] = gemm_rows()
     print_table(result["gemm"], ["shape", "M", "cublas_bf16_TBps", "cublas_fp8_TBps", "ours_fp8_TBps",
                                  "ours_fp8_dynamic_TBps", "ours_fp8_us", "picked"])
-    if args.sweep:
-        result["sweep"] = gemm_rows(m_values=(1,), configs=sweep_configs(), shapes=GEMM_SHAPES[:4])
-        for row in result["sweep"]:
-            best = sorted((v, k) for k, v in row.items() if k.startswith("cfg") and k.endswith("_us"))[:3]
-            print(row["shape"], "ours", f"{row['ours_fp8_us']:.1f}us", "best:", [(f"{v:.1f}", k) for v, k in best])
+    if args.sweep:  # every candidate of the tuner, timed alone, for the 7B shapes
+        from optimum_nvidia_core.kernels.fp8_gemm import candidates
+        for m in (1, 16):
+            rows = gemm_rows(m_values=(m,), configs=candidates(m)[1:], shapes=GEMM_SHAPES[:4])
+            result[f"sweep_m{m}"] = rows
+            for row in rows:
+                best = sorted((v, k) for k, v in row.items() if k.startswith("cfg") and k.endswith("_us"))[:3]
+                print(row["shape"], m, "ours", f"{row['ours_fp8_us']:.1f}us", "best:",
+                      [(f"{v:.1f}", k) for v, k in best])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)

@@ -5,8 +5,9 @@
 
 The graph is the classic agent loop: model -> (tool calls?) -> tools -> model -> ... -> answer. The tools are
 passed to the model's chat template (SmolLM2's plain ChatML gets the Hermes-style <tools> section from the
-core's chat.py) and every tool call is parsed into AIMessage.tool_calls with an id. With --force-tool the first
-turn must call a tool, and its arguments are generated under a grammar built from the tool's JSON schema.
+core's chat.py) and every tool call is parsed into AIMessage.tool_calls with an id. The first turn must call a
+tool (tool_choice="any"; its arguments are generated under a grammar built from the tool's JSON schema), because
+SmolLM2-135M does not choose to call tools on its own; with a larger model pass --let-model-choose.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage  # noqa: E402
 from langchain_core.tools import tool  # noqa: E402
 from langgraph.graph import START, MessagesState, StateGraph  # noqa: E402
 from langgraph.prebuilt import ToolNode, tools_condition  # noqa: E402
@@ -24,6 +25,8 @@ from langgraph.prebuilt import ToolNode, tools_condition  # noqa: E402
 from langchain_optimum_nvidia import ChatOptimumNvidia  # noqa: E402
 from optimum_nvidia_core import DEFAULT_MODEL  # noqa: E402
 
+# Small models answer in a sentence after a tool result when told so (else they may echo the result's markup).
+SYSTEM_PROMPT = "You are a helpful assistant. Use the tools, then answer the user's question in one short sentence."
 WEATHER = {"paris": "sunny, 24 °C", "oslo": "light snow, -3 °C", "tokyo": "rain, 17 °C"}
 
 
@@ -59,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--force-tool", action="store_true", help="the first turn must call a tool")
+    parser.add_argument("--let-model-choose", action="store_true",
+                        help="do not force the first turn to call a tool (for models that call tools on their own)")
     args = parser.parse_args(argv)
 
     chat = ChatOptimumNvidia(model=args.model, temperature=0, max_tokens=args.max_tokens, device=args.device)
-    agent = build_agent(chat, [get_weather], force_first_call=args.force_tool)
+    agent = build_agent(chat, [get_weather], force_first_call=not args.let_model_choose)
     print(f"user: {args.question}")
-    for step in agent.stream({"messages": [HumanMessage(args.question)]}, stream_mode="updates"):
+    messages = [SystemMessage(SYSTEM_PROMPT), HumanMessage(args.question)]
+    for step in agent.stream({"messages": messages}, stream_mode="updates"):
         for node, update in step.items():
             for message in update["messages"]:
                 if isinstance(message, AIMessage) and message.tool_calls:

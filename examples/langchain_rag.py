@@ -76,13 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("question", nargs="?", default=DEFAULT_QUESTION)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model id, checkpoint or engine directory")
-    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--max-tokens", type=int, default=80)
+    parser.add_argument("--frequency-penalty", type=float, default=0.5,
+                        help="discourages repeating the answer's own words (greedy small models tend to loop)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     parser.add_argument("--fp8", action="store_true", help="FP8 weights and activations (GPU with FP8 support)")
     args = parser.parse_args(argv)
 
     chat = ChatOptimumNvidia(model=args.model, temperature=0, max_tokens=args.max_tokens, device=args.device,
-                             use_fp8=args.fp8)
+                             frequency_penalty=args.frequency_penalty, use_fp8=args.fp8)
     chain = build_rag_chain(chat, DOCUMENTS)
     print(f"Q: {args.question}\nA: ", end="", flush=True)
     for piece in chain.stream(args.question):

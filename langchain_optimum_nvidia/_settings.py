@@ -9,15 +9,20 @@ from __future__ import annotations
 import functools
 from typing import Any, Literal
 
+from langchain_core.language_models.base import LangSmithParams
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from optimum_nvidia_core.hub import DEFAULT_MODEL
 from optimum_nvidia_core.sampling_params import SamplingParams
 
+PROVIDER = "optimum_nvidia"  # ls_provider in traces, model_provider in response_metadata
 # Engine options the plugins expose as fields (same names as optimum_nvidia_core.config.EngineConfig).
 ENGINE_FIELDS = ("use_fp8", "kv_cache_dtype", "max_batch_size", "max_seq_len", "calibration_dataset", "device")
 # Sampling options exposed as fields (same names as SamplingParams).
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "stop", "seed")
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "max_tokens",
+    "stop", "seed",
+)
 # Arguments that remote-API chat models take and generic code passes to any model (init_chat_model, the
 # langchain-tests suites). A local engine has no key, endpoint, network timeout or retries: they are dropped.
 REMOTE_API_ARGS = frozenset({"api_key", "base_url", "timeout", "request_timeout", "max_retries"})
@@ -49,7 +54,15 @@ class OptimumNvidiaFields(BaseModel):
     temperature: float | None = Field(None, ge=0.0, description="0 is greedy; None: the core's default (1.0).")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: int | None = Field(None, ge=0, description="Sample among the k most likely tokens; 0 disables.")
-    repetition_penalty: float | None = Field(None, gt=0.0, description="> 1 discourages repeated tokens.")
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, description="> 1 discourages tokens already in the prompt or the output."
+    )
+    presence_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="> 0 discourages tokens already in the output (OpenAI semantics)."
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="> 0 discourages tokens in proportion to their count in the output."
+    )
     max_tokens: int | None = Field(None, ge=1, description="Most new tokens; None: the core's default (256).")
     stop: list[str] | None = Field(None, description="Stop strings; matched across tokens and never emitted.")
     seed: int | None = Field(None, ge=0, description="Same seed, same output, whatever batch the request shares.")
@@ -120,9 +133,29 @@ class OptimumNvidiaFields(BaseModel):
         """Token ids of ``text`` with the model's tokenizer (never a download of another tokenizer)."""
         return list(self.tokenizer().encode(text, add_special_tokens=False))
 
-    def ls_model_name(self, kwargs: dict[str, Any]) -> str:
+    # ---- tracing ---------------------------------------------------------------------------------------
+    def identifying_params(self) -> dict[str, Any]:
+        """What identifies this model's outputs (LangChain's cache key and traces)."""
+        params = {"model_id": self.model_id, **self.engine_options()}
+        if self.calibration_dataset is not None:  # identify, do not embed, the data
+            params["calibration_dataset"] = type(self.calibration_dataset).__name__
+        return {**params, **{name: getattr(self, name) for name in SAMPLING_FIELDS}}
+
+    def ls_params(self, model_type: Literal["chat", "llm"], stop: list[str] | None, kwargs: dict[str, Any]
+                  ) -> LangSmithParams:
+        """LangSmith's standard params; a per-call ``model=`` / sampling override wins over the field."""
         model = kwargs.get("model")
-        return model if isinstance(model, str) else self.model_id
+        params = LangSmithParams(ls_provider=PROVIDER, ls_model_type=model_type,
+                                 ls_model_name=model if isinstance(model, str) else self.model_id)
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
 
 
 @functools.lru_cache(maxsize=8)

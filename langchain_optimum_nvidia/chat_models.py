@@ -29,7 +29,7 @@ from optimum_nvidia_core.outputs import RequestOutput
 from optimum_nvidia_core.sampling_params import SamplingParams
 
 from ._settings import OptimumNvidiaFields
-from .messages import PROVIDER, chunk_message, to_chat_dicts
+from .messages import chunk_message, to_chat_dicts, with_json_instruction
 from .structured_output import Method, structured_runnable
 from .tools import convert_tools, normalize_tool_choice
 
@@ -81,24 +81,10 @@ class ChatOptimumNvidia(OptimumNvidiaFields, BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        params = {"model_id": self.model_id, **self.engine_options()}
-        if self.calibration_dataset is not None:  # identify, do not embed, the data
-            params["calibration_dataset"] = type(self.calibration_dataset).__name__
-        for name in ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "stop", "seed"):
-            params[name] = getattr(self, name)
-        return params
+        return self.identifying_params()
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider=PROVIDER, ls_model_name=self.ls_model_name(kwargs), ls_model_type="chat")
-        temperature = kwargs.get("temperature", self.temperature)
-        if temperature is not None:
-            params["ls_temperature"] = temperature
-        max_tokens = kwargs.get("max_tokens", self.max_tokens)
-        if max_tokens is not None:
-            params["ls_max_tokens"] = max_tokens
-        if stop or self.stop:
-            params["ls_stop"] = stop or self.stop
-        return params
+        return self.ls_params("chat", stop, kwargs)
 
     # ---- the one real path -----------------------------------------------------------------------------
     def _stream(
@@ -166,10 +152,14 @@ class ChatOptimumNvidia(OptimumNvidiaFields, BaseChatModel):
         tools = options.pop("tools", None) or None
         tool_choice = options.pop("tool_choice", None)
         parallel_tool_calls = options.pop("parallel_tool_calls", None)
+        params = self.sampling_params(stop, options)
+        chat_dicts = to_chat_dicts(messages)
+        if params.guided_json is not None:  # structured output: let the model read the schema it must follow
+            chat_dicts = with_json_instruction(chat_dicts, params.guided_json)
         return _ChatRequest(
             model_name=model or self.model_id,
-            messages=to_chat_dicts(messages),
-            params=self.sampling_params(stop, options),
+            messages=chat_dicts,
+            params=params,
             tools=tools,
             tool_choice=normalize_tool_choice(tool_choice, tools or []),
             parallel_tool_calls=parallel_tool_calls is not False,

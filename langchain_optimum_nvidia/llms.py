@@ -17,8 +17,8 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from optimum_nvidia_core.outputs import RequestOutput
 
-from ._settings import SAMPLING_FIELDS, OptimumNvidiaFields
-from .messages import PROVIDER, response_metadata, usage_metadata
+from ._settings import OptimumNvidiaFields
+from .messages import response_metadata, usage_metadata
 
 
 class OptimumNvidia(OptimumNvidiaFields, BaseLLM):
@@ -39,22 +39,10 @@ class OptimumNvidia(OptimumNvidiaFields, BaseLLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        params = {"model_id": self.model_id, **self.engine_options()}
-        if self.calibration_dataset is not None:
-            params["calibration_dataset"] = type(self.calibration_dataset).__name__
-        return {**params, **{name: getattr(self, name) for name in SAMPLING_FIELDS}}
+        return self.identifying_params()
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider=PROVIDER, ls_model_name=self.ls_model_name(kwargs), ls_model_type="llm")
-        temperature = kwargs.get("temperature", self.temperature)
-        if temperature is not None:
-            params["ls_temperature"] = temperature
-        max_tokens = kwargs.get("max_tokens", self.max_tokens)
-        if max_tokens is not None:
-            params["ls_max_tokens"] = max_tokens
-        if stop or self.stop:
-            params["ls_stop"] = stop or self.stop
-        return params
+        return self.ls_params("llm", stop, kwargs)
 
     # ---- the one real path -----------------------------------------------------------------------------
     def _stream(

@@ -20,7 +20,8 @@ from langchain_core.messages.tool import tool_call_chunk
 
 from optimum_nvidia_core.outputs import RequestOutput, Usage
 
-PROVIDER = "optimum_nvidia"
+from ._settings import PROVIDER
+
 # Content blocks that carry no text for the model: tool calls travel in AIMessage.tool_calls, and earlier
 # reasoning is not fed back (as chat templates of reasoning models also drop it).
 _SKIPPED_BLOCKS = frozenset({"tool_use", "tool_call", "tool_call_chunk", "thinking", "reasoning", "redacted_thinking"})
@@ -76,6 +77,32 @@ def _text(message: BaseMessage, role: str) -> str:
                 "send text content (or describe the file in words)"
             )
     return "".join(parts)
+
+
+def with_json_instruction(messages: list[dict[str, Any]], json_schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """The messages plus a system instruction that says which JSON the reply is constrained to.
+
+    The grammar already guarantees valid JSON; telling the model the keys and what they mean is what lets a
+    small model fill them with sensible values instead of rambling inside the first string until max_tokens.
+    """
+    instruction = json_instruction(json_schema)
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{instruction}"}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": instruction}, *messages]
+
+
+def json_instruction(json_schema: dict[str, Any]) -> str:
+    """One plain sentence; small models follow 'the keys "a" (what a is) and "b" (...)' better than a schema."""
+    properties = json_schema.get("properties")
+    if isinstance(properties, dict) and properties:
+        keys = [f'"{name}"' + (f" ({spec['description']})" if isinstance(spec, dict) and spec.get("description")
+                               else "") for name, spec in properties.items()]
+        listed = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
+        return f"Answer in JSON with the key{'s' if len(keys) > 1 else ''} {listed}."
+    if json_schema.get("type") == "object" and len(json_schema) == 1:
+        return "Answer with a JSON object."
+    return "Answer in JSON that follows this JSON schema: " + json.dumps(json_schema, ensure_ascii=False)
 
 
 # ---- core -> LangChain ------------------------------------------------------------------------------------

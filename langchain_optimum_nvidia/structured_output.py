@@ -3,9 +3,11 @@
 Three methods, as in LangChain's other chat models:
 - "json_schema" (default): the reply text is constrained to the schema (SamplingParams.guided_json).
 - "function_calling": the schema becomes a tool that the model is forced to call (constrained the same way).
-- "json_mode": the reply is constrained to some JSON object; the prompt must say which keys to use.
+- "json_mode": the reply is a JSON object; the prompt says what to put in it. With a schema, the reply is
+  constrained to that schema too (so the parsed object is valid); without one, to any JSON object.
 Because decoding is constrained, the parsed object is valid JSON for the schema every time; ``strict`` is
-accepted for API compatibility and changes nothing (decoding is always strict).
+accepted for API compatibility and changes nothing (decoding is always strict). The chat model also shows the
+schema to the model in a system instruction (see ``messages.with_json_instruction``).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def structured_runnable(
             else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
         )
     else:
-        json_schema = convert_to_json_schema(schema) if method == "json_schema" else {"type": "object"}
+        json_schema = {"type": "object"} if schema is None else convert_to_json_schema(schema)
         bound = model.bind(guided_json=json_schema, ls_structured_output_format=trace)
         parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
 

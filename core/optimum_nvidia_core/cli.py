@@ -95,9 +95,13 @@ def _stream_answer(llm: Any, messages: list[dict], params: Any, args: argparse.N
 
 
 def cmd_bench(args: argparse.Namespace, script_args: list[str]) -> int:
-    """benchmarks/bench.py when present (extra arguments go to it), else a built-in throughput run."""
+    """benchmarks/bench.py (a GPU benchmark; extra arguments go to it) when present and a GPU is there, or the
+    script given with --script; else a built-in throughput run."""
+    import torch
+
     script = Path(args.script) if args.script else BENCH_SCRIPT
-    if not args.builtin and args.model is None and script.is_file():
+    wants_script = args.script is not None or torch.cuda.is_available()
+    if not args.builtin and args.model is None and wants_script and script.is_file():
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT / "core"), str(REPO_ROOT),
                                                         env.get("PYTHONPATH")) if p)
@@ -153,7 +157,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     total = sum(size for _, _, size in entries)
     print(f"Cache: {root} ({len(entries)} entries, {human_size(total)})")
     for path, kind, size in entries:
-        print(f"  {human_size(size):>10}  {kind:<22} {path.relative_to(root)}")
+        print(f"  {human_size(size):>10}  {path.relative_to(root)}  {kind}")
     return 0
 
 
@@ -202,8 +206,9 @@ def _manifest_model(engine_dir: Path) -> str:
     except (OSError, ValueError):
         return "(unreadable manifest)"
     recipe = manifest.get("identity", {}).get("recipe") or {}
-    fp8 = " fp8" if isinstance(recipe, dict) and recipe else ""
-    return f"({manifest.get('model_name', '?')}{fp8})"
+    weights = "fp8" if recipe.get("use_fp8") else "unquantized"
+    kv = ", fp8 kv cache" if recipe.get("kv_cache_dtype") == "fp8" else ""
+    return f"({manifest.get('model_name', '?')}, {weights}{kv})"
 
 
 def dir_size(path: Path) -> int:
@@ -211,12 +216,12 @@ def dir_size(path: Path) -> int:
 
 
 def human_size(num_bytes: int) -> str:
-    size = float(num_bytes)
+    size, unit = float(num_bytes), "B"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+            break
         size /= 1024
-    return f"{size:.1f} GiB"
+    return f"{size:.1f} {unit}"
 
 
 def read_calibration_file(path: Path) -> list[str]:
@@ -283,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--verbose", "-v", action="store_true", help="print token counts and speed to stderr")
 
     bench = commands.add_parser(
-        "bench", help="benchmark: benchmarks/bench.py if present, else a built-in throughput run",
-        description=cmd_bench.__doc__ + " Giving --model or --builtin selects the built-in run.")
+        "bench", help="benchmark: benchmarks/bench.py on a GPU, else a built-in throughput run",
+        description=cmd_bench.__doc__ + " Giving --model or --builtin selects the built-in run; arguments this "
+        "command does not know go to the script (`bench -- --help` shows the script's own options).")
     bench.add_argument("--model", help=f"model for the built-in run (default: {DEFAULT_MODEL})")
     bench.add_argument("--builtin", action="store_true", help="run the built-in benchmark even if bench.py exists")
     bench.add_argument("--script", help=f"benchmark script to run (default: {BENCH_SCRIPT})")
@@ -305,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    extra = extra[1:] if extra[:1] == ["--"] else extra  # `bench -- --help` passes --help to the script
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

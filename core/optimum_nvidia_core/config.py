@@ -7,7 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # Options that change the built engine (weights, scales, shapes). Everything else is a runtime choice.
 BUILD_OPTIONS = (
-    "use_fp8", "kv_cache_dtype", "activation_scheme", "dtype", "calibration_samples", "calibration_max_length",
+    "use_fp8", "kv_cache_dtype", "activation_scheme", "weight_rounding", "dtype", "calibration_samples",
+    "calibration_max_length",
 )
 
 
@@ -19,6 +20,10 @@ class EngineConfig(BaseModel):
     use_fp8: bool = Field(False, description="FP8 (e4m3) weights and activations for every linear layer.")
     activation_scheme: Literal["static", "dynamic"] = Field(
         "static", description="FP8 activation scales: calibrated per tensor, or computed per token at run time."
+    )
+    weight_rounding: Literal["gptq", "nearest"] = Field(
+        "gptq", description="FP8 weight rounding: error-compensated with calibration data (GPTQ, more accurate), or "
+        "round-to-nearest (no calibration needed with activation_scheme='dynamic')."
     )
     kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="'fp8' stores K/V in e4m3 with scales.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(

@@ -30,7 +30,7 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERSION_VERSION = 1  # bump when the converted layout changes, so old conversions are not reused
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 # A Hugging Face repo id: "name" or "owner/name"; letters, digits, '-', '_', '.'; no '..' or '--' inside.
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REPO_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # fullmatch
 
 
 class ModelResolutionError(ValueError):
@@ -182,7 +182,7 @@ def _existing_local_dir(model_id: str | os.PathLike) -> Path | None:
 
 
 def _check_repo_id(model_id: str) -> None:
-    if not _REPO_ID.match(model_id) or ".." in model_id or "--" in model_id:
+    if not _REPO_ID.fullmatch(model_id) or ".." in model_id or "--" in model_id:
         raise ModelResolutionError(
             f"{model_id!r} is neither an existing directory nor a valid Hugging Face repo id. Use 'owner/name' "
             "(letters, digits, '-', '_', '.'), or the path of a local checkpoint directory."

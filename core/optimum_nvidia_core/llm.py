@@ -178,6 +178,9 @@ def collect(deltas: Iterable[RequestOutput]) -> RequestOutput:
 def _params_per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
     if params is None or isinstance(params, SamplingParams):
         return [params or SamplingParams()] * n
+    if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
+        raise TypeError(f"params must be a SamplingParams or a list of them, got {type(params).__name__}; "
+                        "build one with SamplingParams(max_tokens=..., temperature=...)")
     params = list(params)
     if len(params) != n:
         raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; pass one, or one per prompt")

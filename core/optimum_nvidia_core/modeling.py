@@ -119,7 +119,6 @@ class CausalLM:
         """Write the engine (weights, scales, tokenizer, generation config); ``from_pretrained(dir)`` loads it."""
         return self.llm.save(save_directory)
 
-    # ---- internals -------------------------------------------------------------------------------------
     def generation_settings(self, given: dict[str, Any], fallbacks: dict[str, Any] | None = None) -> dict[str, Any]:
         """The call's options over the model's generation_config; ``fallbacks`` (and the ``max_new_tokens`` given to
         from_pretrained) fill what neither sets, as transformers' pipelines add their defaults."""
@@ -131,6 +130,7 @@ class CausalLM:
                  if k not in set_params and not (k == "max_new_tokens" and "max_length" in set_params)}
         return {**added, **set_params}
 
+    # ---- internals -------------------------------------------------------------------------------------
     @staticmethod
     def _given(options: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(options) - set(GENERATION_OPTIONS) - set(IGNORED_OPTIONS))
@@ -246,6 +246,8 @@ def _engine_options(options: dict[str, Any]) -> dict[str, Any]:
         value = options.pop(name, None)
         if value is not None:
             options["dtype"] = str(value).removeprefix("torch.")
+    if isinstance(options.get("device"), int):  # transformers pipelines: -1 is the CPU, N is cuda:N
+        options["device"] = "cpu" if options["device"] < 0 else f"cuda:{options['device']}"
     device_map = options.pop("device_map", None)
     if device_map is not None:
         if not isinstance(device_map, str):

@@ -16,7 +16,7 @@ MAX_STOP_STRING_CHARS = 256
 class SamplingParams(BaseModel):
     """How to sample one request. Defaults follow transformers/vLLM conventions."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
     n: int = Field(1, ge=1, le=64, description="Number of completions for the prompt.")
     max_tokens: int | None = Field(

@@ -70,20 +70,26 @@ def test_graph_replay_matches_eager(cuda, tiny_checkpoint, paged_runner, family)
 
 
 def test_gpu_bf16_greedy_matches_cpu_reference(cuda, tiny_checkpoint, paged_runner):
-    """The whole GPU path (Triton kernels, bf16) generates the CPU fp32 reference's greedy tokens."""
+    """The whole GPU path (Triton kernels, bf16) generates what the CPU fp32 reference would: every greedy GPU
+    token, teacher-forced through the CPU model, is its argmax or (bf16 rounding at a near-tie) within 2% of the
+    logit range of it."""
     from optimum_nvidia_core.models.loader import load_model
 
     path, _ = tiny_checkpoint("llama3")
     rng = random.Random(torch.initial_seed())
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (4, 17, 33)]
-    cpu = paged_runner(load_model(path, torch.float32, "cpu"), num_blocks=64, block_size=4)
     gpu = paged_runner(load_model(path, torch.bfloat16, cuda), num_blocks=64, block_size=4)
-    expected = cpu.greedy(prompts, 12)
-    got = gpu.greedy(prompts, 12)
-    # bf16 may flip a near-tie; the first tokens must agree and most of the rest.
-    assert [g[:4] for g in got] == [e[:4] for e in expected]
-    matches = sum(a == b for g, e in zip(got, expected) for a, b in zip(g, e))
-    assert matches >= 0.8 * sum(len(e) for e in expected), (got, expected)
+    cpu = paged_runner(load_model(path, torch.float32, "cpu"), num_blocks=64, block_size=4)
+    generated = gpu.greedy(prompts, 12)
+    exact = total = 0
+    for i, (prompt, tokens) in enumerate(zip(prompts, generated)):
+        logits = cpu.step([(i, prompt + tokens[:-1])])[len(prompt) - 1:]  # [len(tokens), V] fp32
+        spread = (logits.max(-1).values - logits.min(-1).values)
+        chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        assert (chosen >= logits.max(-1).values - 0.02 * spread).all(), (i, tokens)
+        exact += (logits.argmax(-1) == torch.tensor(tokens)).sum().item()
+        total += len(tokens)
+    assert exact >= 0.8 * total
 
 
 def test_llm_on_gpu_matches_cpu(cuda, tiny_llama_dir):

@@ -17,7 +17,7 @@ from optimum_nvidia_core.hub import DEFAULT_MODEL, resolve_model
 from optimum_nvidia_core.models.loader import load_model
 
 MAX_RATIO = 1.03
-CALIBRATION_SAMPLES = 24  # of the default set; the engine default is 64 (all of it)
+CALIBRATION_SAMPLES = 24  # of the default set (the engine default, 64, takes all ~45: slower here)
 CALIBRATION_MAX_LENGTH = 256
 
 HELD_OUT_TEXT = """\
@@ -209,19 +209,19 @@ def test_fp8_perplexity_within_3_percent_of_high_precision(smollm2):
     token_ids = tokenizer(HELD_OUT_TEXT)["input_ids"]
     calibration = tokenize_samples(tokenizer, default_calibration_samples()[:CALIBRATION_SAMPLES],
                                    CALIBRATION_MAX_LENGTH)
-    recipes = {
-        "fp8 static": Fp8Recipe(activation_scheme="static"),
-        "fp8 dynamic": Fp8Recipe(activation_scheme="dynamic"),
-        "fp8 static + fp8 kv": Fp8Recipe(activation_scheme="static", kv_cache_dtype="fp8"),
-    }
     start = time.perf_counter()
     baseline = perplexity(load_model(model_dir, torch.float32, "cpu"), token_ids)
-    figures = {"fp32": baseline}
-    for name, recipe in recipes.items():
-        model = quantize_model(load_model(model_dir, torch.float32, "cpu"), recipe, calibration, progress=False)
-        figures[name] = perplexity(model, token_ids, kv_cache_dtype=recipe.kv_cache_dtype)
+    figures = {"fp32 (reference)": baseline}
+    # One static build carries KV scales too: scored with the high-precision cache and with the FP8 cache.
+    static = Fp8Recipe(activation_scheme="static", kv_cache_dtype="fp8")
+    model = quantize_model(load_model(model_dir, torch.float32, "cpu"), static, calibration, progress=False)
+    figures["fp8 static"] = perplexity(model, token_ids, kv_cache_dtype="auto")
+    figures["fp8 static + fp8 kv"] = perplexity(model, token_ids, kv_cache_dtype="fp8")
+    dynamic = Fp8Recipe(activation_scheme="dynamic")
+    model = quantize_model(load_model(model_dir, torch.float32, "cpu"), dynamic, calibration, progress=False)
+    figures["fp8 dynamic"] = perplexity(model, token_ids)
     print(f"\nSmolLM2-135M-Instruct perplexity on {len(token_ids)} held-out tokens "
-          f"({time.perf_counter() - start:.0f} s):")
+          f"({time.perf_counter() - start:.0f} s, GPTQ-rounded e4m3 weights, per-channel scales):")
     for name, value in figures.items():
         print(f"  {name:22s} {value:8.3f}  ({value / baseline:.4f}x)")
     for name, value in figures.items():

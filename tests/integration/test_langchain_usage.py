@@ -3,7 +3,7 @@ loop with one tool, structured output, and the text-completion LLM class."""
 from __future__ import annotations
 
 import pytest
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.tools import tool
@@ -12,7 +12,8 @@ from pydantic import BaseModel, Field
 from langchain_optimum_nvidia import ChatOptimumNvidia, OptimumNvidia
 from optimum_nvidia_core.hub import DEFAULT_MODEL
 
-OPTIONS = {"model": DEFAULT_MODEL, "temperature": 0, "device": "cpu"}
+# Greedy decoding of a 135M model loops on repeated phrases; a frequency penalty (output tokens only) stops that.
+OPTIONS = {"model": DEFAULT_MODEL, "temperature": 0, "frequency_penalty": 0.6, "device": "cpu"}
 
 
 @tool
@@ -52,13 +53,22 @@ async def test_lcel_chain_astreams(chat):
 
 
 def _agent(chat, tools):
-    """The classic LangGraph agent loop: model -> tools (while it calls tools) -> model -> answer."""
+    """The LangGraph agent loop: model -> tools (while it calls tools) -> model -> answer.
+
+    The first turn is forced to call a tool (tool_choice="any"): SmolLM2-135M does not choose to call tools on its
+    own, larger models do. Later turns are free, so the model answers once it has read the tool's result.
+    """
     from langgraph.graph import START, MessagesState, StateGraph
     from langgraph.prebuilt import ToolNode, tools_condition
 
-    model = chat.bind_tools(tools)
+    free, forced = chat.bind_tools(tools), chat.bind_tools(tools, tool_choice="any")
+
+    def call_model(state):
+        first_turn = not any(isinstance(m, ToolMessage) for m in state["messages"])
+        return {"messages": [(forced if first_turn else free).invoke(state["messages"])]}
+
     graph = StateGraph(MessagesState)
-    graph.add_node("model", lambda state: {"messages": [model.invoke(state["messages"])]})
+    graph.add_node("model", call_model)
     graph.add_node("tools", ToolNode(tools))
     graph.add_edge(START, "model")
     graph.add_conditional_edges("model", tools_condition)
@@ -68,21 +78,25 @@ def _agent(chat, tools):
 
 def test_langgraph_agent_loop_calls_the_tool_and_uses_its_result(chat):
     agent = _agent(chat, [get_weather])
-    result = agent.invoke({"messages": [HumanMessage("What is the weather in Paris?")]}, {"recursion_limit": 6})
+    system = SystemMessage("You are a helpful assistant. Use the tools, then answer the user's question in one "
+                           "short sentence.")
+    result = agent.invoke({"messages": [system, HumanMessage("What is the weather in Paris?")]},
+                          {"recursion_limit": 6})
     messages = result["messages"]
     calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
     assert calls and calls[0]["name"] == "get_weather" and "Paris" in calls[0]["args"]["city"]
     tool_results = [m for m in messages if isinstance(m, ToolMessage)]
-    assert tool_results and "sunny" in tool_results[0].content
+    assert tool_results and tool_results[0].tool_call_id == calls[0]["id"]
     final = messages[-1]
-    assert isinstance(final, AIMessage) and not final.tool_calls and final.content
+    assert isinstance(final, AIMessage) and not final.tool_calls
+    assert "sunny" in final.content.lower()  # the answer uses the tool's result
 
 
 def test_structured_output_fills_the_schema(chat):
     structured = chat.with_structured_output(City)
     city = structured.invoke("Paris is the capital of France. Which city and country is this about?")
     assert isinstance(city, City)
-    assert "Paris" in city.name and "France" in city.country
+    assert "paris" in city.name.lower() and "france" in city.country.lower()
 
 
 def test_forced_tool_call_picks_arguments_from_the_question(chat):

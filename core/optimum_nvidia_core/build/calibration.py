@@ -110,6 +110,7 @@ class CalibrationStats:
     input_absmax: dict[str, float] = field(default_factory=dict)  # linear module name -> max |input|
     k_absmax: list[float] = field(default_factory=list)  # per attention layer, in model.attention_layers() order
     v_absmax: list[float] = field(default_factory=list)
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> sum of x^T x, fp32 [K, K] (GPTQ)
 
 
 def _record_max(store: dict | list, key, tensor: torch.Tensor) -> None:
@@ -117,11 +118,21 @@ def _record_max(store: dict | list, key, tensor: torch.Tensor) -> None:
     store[key] = max(store[key], value)
 
 
+def _record_hessian(store: dict, name: str, x: torch.Tensor) -> None:
+    x = x.detach().reshape(-1, x.shape[-1]).float()  # [T, K]
+    if name in store:
+        store[name].addmm_(x.t(), x)
+    else:
+        store[name] = x.t() @ x
+
+
 @torch.no_grad()
 def collect_stats(
-    model: nn.Module, linear_names: list[str], token_lists: list[list[int]], progress: bool = True
+    model: nn.Module, linear_names: list[str], token_lists: list[list[int]], progress: bool = True,
+    hessian_names: list[str] = (),
 ) -> CalibrationStats:
-    """Run every sample through the model (prefill through a scratch paged cache) with hooks recording ranges."""
+    """Run every sample through the model (prefill through a scratch paged cache) with hooks recording input
+    ranges of ``linear_names``, K/V ranges of every attention layer and input Hessians of ``hessian_names``."""
     from tqdm.auto import tqdm
 
     modules = dict(model.named_modules())
@@ -134,6 +145,9 @@ def collect_stats(
     for name in linear_names:
         hooks.append(modules[name].register_forward_pre_hook(
             lambda _m, args, name=name: _record_max(stats.input_absmax, name, args[0])))
+    for name in hessian_names:
+        hooks.append(modules[name].register_forward_pre_hook(
+            lambda _m, args, name=name: _record_hessian(stats.hessians, name, args[0])))
     for i, layer in enumerate(attention_layers):
         # Attention.forward(q, k, v, attn): k and v are this step's new keys/values [T, Hkv, D].
         def record_kv(_m, args, i=i):

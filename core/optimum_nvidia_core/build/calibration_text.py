@@ -77,8 +77,10 @@ CALIBRATION_TEXTS = [
     "LEFT JOIN orders AS o ON o.customer_id = c.customer_id AND o.created_at >= DATE '2024-01-01'\n"
     "WHERE c.country IN ('DE', 'FR', 'NL')\nGROUP BY c.customer_id, c.name\nHAVING COUNT(o.order_id) > 3\n"
     "ORDER BY revenue DESC\nLIMIT 20;",
-    "#include <stdio.h>\n#include <stdlib.h>\n\ntypedef struct Node {\n    int value;\n    struct Node *next;\n} Node;\n\n"
-    "Node *reverse(Node *head) {\n    Node *prev = NULL;\n    while (head != NULL) {\n        Node *next = head->next;\n"
+    "#include <stdio.h>\n#include <stdlib.h>\n\n"
+    "typedef struct Node {\n    int value;\n    struct Node *next;\n} Node;\n\n"
+    "Node *reverse(Node *head) {\n    Node *prev = NULL;\n    while (head != NULL) {\n"
+    "        Node *next = head->next;\n"
     "        head->next = prev;\n        prev = head;\n        head = next;\n    }\n    return prev;\n}\n\n"
     "int main(void) {\n    Node c = {3, NULL}, b = {2, &c}, a = {1, &b};\n"
     "    for (Node *n = reverse(&a); n; n = n->next) printf(\"%d \", n->value);\n    return EXIT_SUCCESS;\n}\n",
@@ -123,7 +125,8 @@ CALIBRATION_TEXTS = [
     "Recipe: lemon garlic pasta (serves 2). Ingredients: 200 g spaghetti, 3 tbsp olive oil, 3 cloves garlic thinly "
     "sliced, zest and juice of 1 lemon, a pinch of chili flakes, 40 g grated parmesan, salt, black pepper, a handful "
     "of parsley. Cook the pasta in well-salted water. Meanwhile warm the oil and garlic gently until fragrant, not "
-    "brown. Add the zest, chili and a ladle of pasta water, toss in the drained pasta, then the lemon juice and cheese.",
+    "brown. Add the zest, chili and a ladle of pasta water, toss in the drained pasta, then the lemon juice and "
+    "cheese.",
     "Customer review, 3 out of 5 stars: The headphones sound great and the noise cancelling works well on flights, "
     "but the ear cushions get uncomfortable after about two hours, and the app keeps asking me to log in. Battery "
     "life is as advertised (around 30 hours). For the price I expected a sturdier case. Would buy again on sale.",

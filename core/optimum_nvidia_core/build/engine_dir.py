@@ -1,9 +1,9 @@
 """Engine directories: manifest, cache key, checksums, atomic write, and build-once under a file lock.
 
 An engine directory holds quantized weights (safetensors), scales, tokenizer files, config.json and manifest.json.
-The manifest's ``identity`` (format version, source weights, device, versions, recipe, calibration data hash) decides
-the cache key: ``$OPTIMUM_NVIDIA_CACHE/engines/<key>/``. Build shapes are recorded but kept out of the key, since they do not
-change the weights: a new max_batch_size must not trigger a rebuild.
+The manifest's ``identity`` (format version, source weights, device, versions, recipe, calibration data hash)
+decides the cache key: ``$OPTIMUM_NVIDIA_CACHE/engines/<key>/``. Build shapes are recorded but kept out of the key,
+since they do not change the weights: a new max_batch_size must not trigger a rebuild.
 
 Safety: a directory is written under a temporary name and renamed into place only after every file and the manifest
 (written last, with a sha256 per file and a checksum of itself) are on disk. Any entry that fails verification

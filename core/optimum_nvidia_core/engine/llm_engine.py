@@ -59,6 +59,8 @@ class LLMEngine:
 
     def check_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Token ids for ``prompt``, or a ValueError that names the problem and the fix."""
+        if not isinstance(prompt, (str, list, tuple)):
+            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("the prompt is empty; pass at least one token of text")
@@ -207,7 +209,7 @@ class LLMEngine:
     def save(self, engine_dir: Path) -> Path:
         from ..build import save_engine
 
-        return save_engine(self, engine_dir)
+        return save_engine(self.runner.model, self.loaded.model_dir, Path(engine_dir))
 
 
 def _check_text(text: str) -> None:

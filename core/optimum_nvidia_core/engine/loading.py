@@ -79,7 +79,7 @@ def load(config: EngineConfig) -> LoadedModel:
             model = load_engine(engine_dir, dtype, device)
             model_dir = engine_dir
         else:
-            model = load_model(model_dir, dtype, device)
+            model = load_model(model_dir, dtype, device, allow_pickle=config.allow_pickle_weights)
     hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     limit = int(getattr(hf_config, "max_position_embeddings", 4096))

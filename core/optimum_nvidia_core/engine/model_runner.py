@@ -31,7 +31,7 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
         self._allocate_kv_cache()
         self.sampler = Sampler()
-        self.fault_hook = None  # tests: fn(logits[S, V]) -> None, may poison rows
+        self.fault_hook = None  # tests: fn(logits [R, V], seqs [R]) -> None, may poison rows
         self.graphs = self._maybe_graphs()
 
     # ---- set-up ----------------------------------------------------------------------------------------
@@ -44,6 +44,7 @@ class ModelRunner:
     def _blocks_that_fit(self) -> int:
         per_block = self._kv_bytes_per_block()
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # memory cached from an earlier engine is free to us
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
             budget = total * self.config.gpu_memory_utilization - used - GPU_ACTIVATION_RESERVE
@@ -122,7 +123,7 @@ class ModelRunner:
         sample_seqs = [batch.seqs[i] for i in rows]
         logits = self.model.compute_logits(hidden[last_token[rows]])  # [R, V] float32
         if self.fault_hook is not None:
-            self.fault_hook(logits)
+            self.fault_hook(logits, sample_seqs)
         mask = self._allowed_mask(rows, allowed, logits)
         sampling = SamplingBatch.build(sample_seqs, logits.device, self.eos_token_ids, allowed_mask=mask)
         out = self.sampler(logits, sampling)

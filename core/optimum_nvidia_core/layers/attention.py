@@ -6,7 +6,7 @@ Shapes at the boundary (T = tokens in the flat batch, Hq/Hkv = query/KV heads, D
 The runner allocates the caches and sets them (and the FP8 scales) on every layer before the first step.
 
 The CPU path below is the reference: plain torch, one SDPA call per sequence. On CUDA the Triton kernels of
-optimum_nvidia_core.kernels compute the same function (see `_cuda_kernels`).
+optimum_nvidia_core.kernels compute the same function (store_kv_cache, paged_attention).
 """
 from __future__ import annotations
 
@@ -14,22 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cuda_kernels
 from .attention_metadata import AttentionMetadata
 
 FP8_MAX = 448.0
-_kernels = None  # CUDA dispatch point: the kernels module once imported, or False when unavailable
-
-
-def _cuda_kernels():
-    """optimum_nvidia_core.kernels (store_kv_cache, paged_attention) when Triton is present, else None."""
-    global _kernels
-    if _kernels is None:
-        try:
-            from optimum_nvidia_core import kernels
-            _kernels = kernels
-        except ImportError:
-            _kernels = False
-    return _kernels or None
 
 
 class Attention(nn.Module):
@@ -51,7 +39,7 @@ class Attention(nn.Module):
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("Attention.k_cache/v_cache are not set: allocate the paged KV cache (ModelRunner) "
                                "and assign it to every layer of model.attention_layers() before running the model")
-        kernels = _cuda_kernels() if q.is_cuda else None
+        kernels = cuda_kernels() if q.is_cuda else None  # CUDA dispatch point
         if kernels is not None and _kernels_support(self.head_dim):
             k_scale, v_scale = self._scales_on(q.device)
             kernels.store_kv_cache(k, v, self.k_cache, self.v_cache, attn.slot_mapping, k_scale, v_scale)
@@ -102,14 +90,24 @@ class Attention(nn.Module):
             keys = self._from_cache(keys, self.k_scale, q.dtype)
             values = self._from_cache(values, self.v_scale, q.dtype)
             mask = self._mask(q_len, ctx_len, q.device)
-            seq_out = F.scaled_dot_product_attention(
-                q[start:start + q_len].transpose(0, 1),  # [Hq, q_len, D]
-                keys.transpose(0, 1), values.transpose(0, 1),  # [Hkv, ctx_len, D]
-                attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
-            )
-            out[start:start + q_len] = seq_out.transpose(0, 1)
+            out[start:start + q_len] = self._sdpa(q[start:start + q_len], keys, values, mask)
             start += q_len
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
+        """q [q_len, Hq, D], keys/values [ctx_len, Hkv, D] -> [q_len, Hq, D].
+
+        GQA without copying K/V: the `group` query heads that share a KV head are stacked along the query axis,
+        so SDPA sees [Hkv, group * q_len, D] queries against [Hkv, ctx_len, D] keys (query head h uses KV head
+        h // group, as transformers' repeat_kv).
+        """
+        q_len, group = q.shape[0], self.num_heads // self.num_kv_heads
+        grouped = q.transpose(0, 1).reshape(self.num_kv_heads, group * q_len, self.head_dim)
+        if mask is not None:
+            mask = mask.repeat(group, 1)  # [group * q_len, ctx_len]
+        out = F.scaled_dot_product_attention(grouped, keys.transpose(0, 1), values.transpose(0, 1),
+                                             attn_mask=mask, scale=self.scale)
+        return out.reshape(self.num_heads, q_len, self.head_dim).transpose(0, 1)
 
     def _mask(self, q_len: int, ctx_len: int, device: torch.device) -> torch.Tensor | None:
         """Bool [q_len, ctx_len], True = attend. Query j sits at position ctx_len - q_len + j."""

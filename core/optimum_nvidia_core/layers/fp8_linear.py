@@ -80,16 +80,18 @@ class Fp8Linear(nn.Module):
             self.bias = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, input_absmax: float | None, per_channel: bool = True) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Module, input_absmax: float | None, per_channel: bool = True,
+                    quantized_weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Fp8Linear":
         """Quantize a high-precision linear. ``input_absmax`` from calibration gives a static activation scale;
-        None gives dynamic per-token activation scales."""
+        None gives dynamic per-token activation scales. ``quantized_weight`` (e4m3 weight, scale) replaces plain
+        round-to-nearest (e.g. GPTQ-rounded weights)."""
         weight = linear.weight.detach()
         bias = getattr(linear, "bias", None)
         module = cls(
             weight.shape[1], weight.shape[0], bias is not None, per_channel=per_channel,
             static_input_scale=input_absmax is not None, bias_dtype=weight.dtype, device=weight.device,
         )
-        module.weight, module.weight_scale = quantize_weight(weight, per_channel)
+        module.weight, module.weight_scale = quantized_weight or quantize_weight(weight, per_channel)
         if input_absmax is not None:
             module.input_scale.fill_(max(float(input_absmax) / FP8_MAX, MIN_SCALE))
         if bias is not None:
@@ -112,7 +114,7 @@ class Fp8Linear(nn.Module):
             # -> [T, out] in x's dtype, with the numerics of _reference_forward below.
             kernel = _gpu_kernel()
             if kernel is not None:
-                out = kernel(x2d, self.weight, self.weight_scale, self.input_scale, self.bias)
+                out = kernel(x2d.contiguous(), self.weight, self.weight_scale, self.input_scale, self.bias)
                 return out.reshape(*shape[:-1], self.out_features)
         x_q, x_scale = self.quantize_input(x2d)
         if x.is_cuda and self.in_features % 16 == 0 and self.out_features % 16 == 0:

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from ..hub import SUPPORTED_ARCHITECTURES, check_model_dir, weight_files
+from ..hub import SUPPORTED_ARCHITECTURES, ModelResolutionError, check_model_dir, weight_files
 from .llama import LlamaForCausalLM
 
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer that old checkpoints saved; we recompute it
@@ -91,7 +91,12 @@ def checkpoint_tensors(model_dir: Path, allow_pickle: bool = False) -> Iterator[
         if file.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
+            try:
+                reader = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as exc:  # SafetensorError: header or size does not match the file
+                raise ModelResolutionError(
+                    f"{file} is truncated or corrupted ({exc}); download or copy it again") from exc
+            with reader:
                 for name in reader.keys():
                     yield name, reader.get_tensor(name)
         else:  # pickle: only reached with allow_pickle=True; weights_only refuses arbitrary objects anyway
@@ -103,8 +108,22 @@ def _weight_files_in_order(model_dir: Path, allow_pickle: bool) -> list[Path]:
         index = model_dir / index_name
         if index.is_file() and (index_name.endswith("safetensors.index.json") or allow_pickle):
             weight_map = json.loads(index.read_text())["weight_map"]
-            return [model_dir / name for name in sorted(set(weight_map.values()))]
+            return [_file_inside(model_dir, name, index) for name in sorted(set(weight_map.values()))]
     return weight_files(model_dir, allow_pickle)
+
+
+def _file_inside(model_dir: Path, name: str, index: Path) -> Path:
+    """A weight file named by the index, refused unless it is a plain file name inside model_dir."""
+    path = (model_dir / name).resolve()
+    if Path(name).name != name or path.parent != model_dir.resolve():
+        raise ModelResolutionError(
+            f"{index} lists weight file {name!r}, which is outside the checkpoint directory. Weight files must be "
+            "plain file names in the same directory: fix or regenerate the index."
+        )
+    if not path.is_file():
+        raise ModelResolutionError(f"{index} lists weight file {name!r}, which is missing from {model_dir}. "
+                                   "Copy the missing shard into the directory.")
+    return path
 
 
 def _count_tensors(model_dir: Path) -> int | None:

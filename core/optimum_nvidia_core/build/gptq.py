@@ -1,0 +1,72 @@
+"""Error-compensated rounding of weights to e4m3 (GPTQ, Frantar et al. 2022), with the same scales as plain
+rounding, so the stored format and the kernels are unchanged.
+
+Why: rounding each weight to the nearest e4m3 value (3 mantissa bits) leaves ~2.6% relative error per matrix. On
+SmolLM2-135M that alone costs ~4% perplexity. GPTQ rounds one input column at a time and pushes each column's
+rounding error onto the columns not yet rounded, weighted by the inverse Hessian H = X^T X of the layer's
+calibration inputs, so the error the layer's *output* sees shrinks (measured: 1.042x -> 1.019x, weights only).
+
+Cost: one [K, K] Hessian per linear (accumulated during calibration) and a Python loop over K columns per linear.
+"""
+from __future__ import annotations
+
+import torch
+
+from optimum_nvidia_core.layers.fp8_linear import absmax_scale, quantize_fp8
+
+BLOCK = 64  # columns rounded together before their error reaches the rest through one matmul
+DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it: keeps the Cholesky factorization stable
+
+
+@torch.no_grad()
+def gptq_quantize_weight(
+    weight: torch.Tensor, hessian: torch.Tensor, per_channel: bool = True, act_order: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K], hessian [K, K] (sum of x^T x over calibration inputs x [T, K]) ->
+    (e4m3 weight [N, K], fp32 scale [N] or [1]): the same scales as layers.fp8_linear.quantize_weight.
+
+    ``act_order``: round the input columns with the most energy first, while the most columns are left to absorb
+    their error (the GPTQ paper's "act order")."""
+    scale = absmax_scale(weight, dim=1) if per_channel else absmax_scale(weight).reshape(1, 1)  # [N, 1] or [1, 1]
+    hessian = hessian.float().to(weight.device)
+    k = weight.shape[1]
+    order = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(k, device=weight.device)
+    hessian = hessian[order][:, order]
+    # Work on W^T [K, N] (columns in rounding order) so that "column i of W" is a contiguous row.
+    w_t = weight.float().t()[order].contiguous()
+    codes_t = _round_columns(w_t, _inverse_hessian_factor(hessian, w_t), scale.reshape(1, -1))
+    codes = torch.empty_like(codes_t)
+    codes[order] = codes_t
+    return codes.t().contiguous(), scale.reshape(-1)
+
+
+def _round_columns(w_t: torch.Tensor, upper: torch.Tensor, scale_row: torch.Tensor) -> torch.Tensor:
+    """The GPTQ loop over the rows of w_t [K, N] (modified in place); returns e4m3 codes [K, N]."""
+    codes = torch.empty_like(w_t, dtype=torch.float8_e4m3fn)
+    k = w_t.shape[0]
+    for start in range(0, k, BLOCK):
+        end = min(start + BLOCK, k)
+        block = w_t[start:end].clone()  # [B, N]
+        errors = torch.empty_like(block)
+        factor = upper[start:end, start:end]
+        for i in range(end - start):
+            row = block[i]
+            code = quantize_fp8(row.unsqueeze(0), scale_row)  # [1, N]
+            codes[start + i] = code[0]
+            error = (row - code[0].float() * scale_row[0]) / factor[i, i]
+            block[i + 1:] -= factor[i, i + 1:].unsqueeze(1) * error.unsqueeze(0)
+            errors[i] = error
+        w_t[end:] -= upper[start:end, end:].t() @ errors  # the block's error, onto the columns after it
+    return codes
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 (after damping). Inputs that never fired get weight 0 and H_ii = 1."""
+    hessian = hessian.clone()
+    dead = hessian.diagonal() == 0
+    hessian[dead, dead] = 1.0
+    w_t[dead] = 0.0
+    hessian.diagonal().add_(DAMPING * hessian.diagonal().mean())
+    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    inverse = torch.cholesky_solve(identity, torch.linalg.cholesky(hessian))  # cholesky_inverse: 15x slower on CPU
+    return torch.linalg.cholesky(inverse, upper=True)
