@@ -6,7 +6,6 @@ those chunks, so invoke, stream, batch and abatch all join the engine's one runn
 """
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,7 +28,7 @@ from optimum_nvidia_core.outputs import RequestOutput
 from optimum_nvidia_core.sampling_params import SamplingParams
 
 from ._settings import OptimumNvidiaFields
-from .messages import chunk_message, to_chat_dicts, with_json_instruction
+from .messages import chunk_message, to_chat_dicts
 from .structured_output import Method, structured_runnable
 from .tools import convert_tools, normalize_tool_choice
 
@@ -114,10 +113,7 @@ class ChatOptimumNvidia(OptimumNvidiaFields, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
-        model = kwargs.get("model")
-        if not self.has_llm(model):  # the first call loads the engine: keep the event loop free meanwhile
-            await asyncio.to_thread(self.get_llm, model)
-        llm = self.get_llm(model)
+        llm = await self.aget_llm(kwargs.get("model"))  # a first call loads the engine off the event loop
         deltas = llm.achat_stream(request.messages, request.params, tools=request.tools, tool_choice=request.tool_choice)
         try:
             async for delta in deltas:
@@ -153,12 +149,9 @@ class ChatOptimumNvidia(OptimumNvidiaFields, BaseChatModel):
         tool_choice = options.pop("tool_choice", None)
         parallel_tool_calls = options.pop("parallel_tool_calls", None)
         params = self.sampling_params(stop, options)
-        chat_dicts = to_chat_dicts(messages)
-        if params.guided_json is not None:  # structured output: let the model read the schema it must follow
-            chat_dicts = with_json_instruction(chat_dicts, params.guided_json)
         return _ChatRequest(
             model_name=model or self.model_id,
-            messages=chat_dicts,
+            messages=to_chat_dicts(messages),
             params=params,
             tools=tools,
             tool_choice=normalize_tool_choice(tool_choice, tools or []),

@@ -73,9 +73,8 @@ class OptimumNvidia(OptimumNvidiaFields, BaseLLM):
     ) -> AsyncIterator[GenerationChunk]:
         model = kwargs.pop("model", None)
         params = self.sampling_params(stop, kwargs)
-        if not self.has_llm(model):  # the first call loads the engine: keep the event loop free meanwhile
-            await asyncio.to_thread(self.get_llm, model)
-        deltas = self.get_llm(model).astream(prompt, params)
+        llm = await self.aget_llm(model)  # a first call loads the engine off the event loop
+        deltas = llm.astream(prompt, params)
         try:
             async for delta in deltas:
                 chunk = _chunk(delta, model or self.model_id)

@@ -79,32 +79,6 @@ def _text(message: BaseMessage, role: str) -> str:
     return "".join(parts)
 
 
-def with_json_instruction(messages: list[dict[str, Any]], json_schema: dict[str, Any]) -> list[dict[str, Any]]:
-    """The messages plus a system instruction that says which JSON the reply is constrained to.
-
-    The grammar already guarantees valid JSON; telling the model the keys and what they mean is what lets a
-    small model fill them with sensible values instead of rambling inside the first string until max_tokens.
-    """
-    instruction = json_instruction(json_schema)
-    if messages and messages[0]["role"] == "system":
-        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{instruction}"}
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": instruction}, *messages]
-
-
-def json_instruction(json_schema: dict[str, Any]) -> str:
-    """One plain sentence; small models follow 'the keys "a" (what a is) and "b" (...)' better than a schema."""
-    properties = json_schema.get("properties")
-    if isinstance(properties, dict) and properties:
-        keys = [f'"{name}"' + (f" ({spec['description']})" if isinstance(spec, dict) and spec.get("description")
-                               else "") for name, spec in properties.items()]
-        listed = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
-        return f"Answer in JSON with the key{'s' if len(keys) > 1 else ''} {listed}."
-    if json_schema.get("type") == "object" and len(json_schema) == 1:
-        return "Answer with a JSON object."
-    return "Answer in JSON that follows this JSON schema: " + json.dumps(json_schema, ensure_ascii=False)
-
-
 # ---- core -> LangChain ------------------------------------------------------------------------------------
 def chunk_message(delta: RequestOutput, model_name: str) -> AIMessageChunk:
     """One streamed delta as an AIMessageChunk; only the last one carries tool calls, usage and metadata."""

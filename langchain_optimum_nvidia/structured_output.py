@@ -6,8 +6,8 @@ Three methods, as in LangChain's other chat models:
 - "json_mode": the reply is a JSON object; the prompt says what to put in it. With a schema, the reply is
   constrained to that schema too (so the parsed object is valid); without one, to any JSON object.
 Because decoding is constrained, the parsed object is valid JSON for the schema every time; ``strict`` is
-accepted for API compatibility and changes nothing (decoding is always strict). The chat model also shows the
-schema to the model in a system instruction (see ``messages.with_json_instruction``).
+accepted for API compatibility and changes nothing (decoding is always strict). The core also tells the model
+the schema's keys in a system sentence (``optimum_nvidia_core.chat_request.with_json_instruction``).
 """
 from __future__ import annotations
 

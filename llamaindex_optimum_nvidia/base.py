@@ -1,16 +1,15 @@
 """OptimumNvidiaLLM: a LlamaIndex FunctionCallingLLM served by the Optimum-NVIDIA core's in-flight batched engine.
 
-Every call goes through the core's public facade (``optimum_nvidia_core.get_llm``): chat messages through the model's
-chat template (``LLM.chat_stream``), tools into the prompt, tool calls parsed by the core, forced calls constrained by
-its grammar. The engine is shared per (model, engine options) inside the process, so concurrent async calls (agents,
+Every call goes through the core's public facade (the shared ``LLM`` from ``PluginOptions.get_llm``): chat messages
+through the model's chat template (``LLM.chat_stream``), tools into the prompt, tool calls parsed by the core, forced
+calls constrained by its grammar. The engine is shared per (model, engine options) inside the process, so concurrent async calls (agents,
 query engines, ``asyncio.gather``) share one in-flight batch. Async methods read the core's asyncio streams directly:
 no thread per request, and the event loop never waits on the model.
 """
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -23,13 +22,13 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from optimum_nvidia_core.hub import DEFAULT_MODEL
 from optimum_nvidia_core.outputs import RequestOutput
+from optimum_nvidia_core.plugin_options import PluginOptions
 from optimum_nvidia_core.sampling_params import SamplingParams
 
 from .messages import (
@@ -44,12 +43,8 @@ from .messages import (
     tool_selections,
 )
 
-# Same field names as the LangChain plugin (and as optimum_nvidia_core's EngineConfig / SamplingParams).
-ENGINE_FIELDS = ("use_fp8", "kv_cache_dtype", "max_batch_size", "max_seq_len", "calibration_dataset", "device")
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "stop", "seed")
 
-
-class OptimumNvidiaLLM(FunctionCallingLLM):
+class OptimumNvidiaLLM(PluginOptions, FunctionCallingLLM):
     """A LLaMA-family model (bf16 or FP8) for LlamaIndex RAG pipelines and agents.
 
     >>> from llama_index.core import Settings
@@ -57,35 +52,10 @@ class OptimumNvidiaLLM(FunctionCallingLLM):
 
     Per-call keyword arguments (``llm.complete(prompt, temperature=0, max_tokens=8)``) override the sampling fields
     with any ``optimum_nvidia_core.SamplingParams`` field. The engine loads on first use (or first ``metadata``).
+    The engine and sampling fields (and ``get_llm``, ``sampling_params``, ``get_token_ids``) are the core's
+    ``PluginOptions``, shared with the LangChain plugin.
     """
 
-    model_config = ConfigDict(populate_by_name=True, protected_namespaces=(), arbitrary_types_allowed=True)
-
-    model_id: str = Field(
-        DEFAULT_MODEL, alias="model",
-        description="Hugging Face model id, local checkpoint directory or engine directory (alias: model).",
-    )
-    # ---- engine options (part of the shared engine's identity) ----
-    use_fp8: bool = Field(False, description="FP8 (e4m3) weights and activations; built once and cached.")
-    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="'fp8' stores the KV cache in e4m3.")
-    max_batch_size: int | None = Field(None, ge=1, description="Most sequences in one engine step.")
-    max_seq_len: int | None = Field(None, ge=16, description="Prompt + output tokens; default: the model's limit.")
-    calibration_dataset: Any = Field(
-        None, description="FP8 calibration text: strings, an iterable of strings or a datasets.Dataset."
-    )
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
-    model_kwargs: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Other engine options passed to optimum_nvidia_core.LLM (e.g. num_kv_blocks, block_size, dtype).",
-    )
-    # ---- sampling ----
-    temperature: float | None = Field(None, ge=0.0, description="0 is greedy; None: the core's default (1.0).")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int | None = Field(None, ge=0, description="Sample among the k most likely tokens; 0 disables.")
-    repetition_penalty: float | None = Field(None, gt=0.0, description="> 1 discourages repeated tokens.")
-    max_tokens: int | None = Field(None, ge=1, description="Most new tokens; None: the core's default (256).")
-    stop: list[str] | None = Field(None, description="Stop strings; matched across tokens and never emitted.")
-    seed: int | None = Field(None, ge=0, description="Same seed, same output, whatever batch the request shares.")
     # ---- completion ----
     complete_with_chat_template: bool = Field(
         True,
@@ -93,32 +63,11 @@ class OptimumNvidiaLLM(FunctionCallingLLM):
         "(instruct models answer it); False, or formatted=True, sends the text raw for plain continuation.",
     )
 
-    _llm: Any = PrivateAttr(None)
-
     @classmethod
     def class_name(cls) -> str:
         return "OptimumNvidiaLLM"
 
     # ---- engine ------------------------------------------------------------------------------------------
-    def engine_options(self) -> dict[str, Any]:
-        """Options for ``get_llm``; a field left at None means "the engine's default" and is left out."""
-        options = {name: getattr(self, name) for name in ENGINE_FIELDS if getattr(self, name) is not None}
-        return {**options, **self.model_kwargs}
-
-    def get_llm(self) -> Any:
-        """The shared core ``optimum_nvidia_core.LLM``; loads (or builds) the engine on first use."""
-        if self._llm is None:
-            from optimum_nvidia_core.llm import get_llm
-
-            self._llm = get_llm(self.model_id, **self.engine_options())
-        return self._llm
-
-    async def aget_llm(self) -> Any:
-        """``get_llm`` for async code: the one-time engine load (seconds) runs off the event loop."""
-        if self._llm is None:
-            await asyncio.to_thread(self.get_llm)
-        return self._llm
-
     @property
     def metadata(self) -> LLMMetadata:
         llm = self.get_llm()
@@ -129,18 +78,6 @@ class OptimumNvidiaLLM(FunctionCallingLLM):
             is_function_calling_model=True,
             model_name=llm.model_name,
         )
-
-    def sampling_params(self, overrides: dict[str, Any]) -> SamplingParams:
-        """SamplingParams from the fields, then per-call overrides (any SamplingParams field)."""
-        unknown = sorted(set(overrides) - set(SamplingParams.model_fields))
-        if unknown:
-            raise ValueError(
-                f"OptimumNvidiaLLM got unknown argument(s) {unknown}; a call accepts SamplingParams fields "
-                f"({', '.join(SamplingParams.model_fields)}) and, for chat, tools and tool_choice"
-            )
-        values = {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return SamplingParams(**values)
 
     # ---- chat --------------------------------------------------------------------------------------------
     @llm_chat_callback()
@@ -243,18 +180,18 @@ class OptimumNvidiaLLM(FunctionCallingLLM):
         kwargs = dict(kwargs)
         tools = kwargs.pop("tools", None)
         tool_choice = to_tool_choice(kwargs.pop("tool_choice", None), tool_required=False)
-        return tools, tool_choice, self.sampling_params(kwargs)
+        return tools, tool_choice, self.sampling_params(None, kwargs)
 
     def _completion_deltas(self, llm: Any, prompt: str, formatted: bool, kwargs: dict[str, Any]
                            ) -> Iterator[RequestOutput]:
-        params = self.sampling_params(kwargs)
+        params = self.sampling_params(None, kwargs)
         if formatted or not self.complete_with_chat_template:
             return iter(llm.stream(prompt if formatted else self.completion_to_prompt(prompt), params))
         return llm.chat_stream(self._completion_messages(prompt), params)
 
     def _acompletion_deltas(self, llm: Any, prompt: str, formatted: bool, kwargs: dict[str, Any]
                             ) -> AsyncIterator[RequestOutput]:
-        params = self.sampling_params(kwargs)
+        params = self.sampling_params(None, kwargs)
         if formatted or not self.complete_with_chat_template:
             return llm.astream(prompt if formatted else self.completion_to_prompt(prompt), params)
         return llm.achat_stream(self._completion_messages(prompt), params)

@@ -1,14 +1,15 @@
 """One request's output channel: fed by the engine thread, read as a sync or an async iterator.
 
-The engine thread calls ``put`` (thread-safe). A sync reader blocks on a ``queue.Queue``; an async reader awaits an
-``asyncio.Future`` that the engine thread resolves through ``loop.call_soon_threadsafe`` — no thread per request and
-the event loop never blocks. Dropping, closing or cancelling the reader aborts the request.
+The engine thread calls ``put`` (thread-safe). A sync reader waits on a condition variable; an async reader awaits
+an ``asyncio.Future`` that the engine thread resolves through ``loop.call_soon_threadsafe`` — no thread per request
+and the event loop never blocks. Each ``call_soon_threadsafe`` writes to the loop's self-pipe (a syscall), so the
+engine collects one step's wake-ups in a ``Wakeups`` and sends one call per event loop per step, not one per
+delta. Dropping, closing or cancelling the reader aborts the request.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import queue
 import threading
 from typing import Callable
 
@@ -24,24 +25,27 @@ class RequestStream:
         self.request_id = request_id
         self._abort = abort
         self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)  # a sync reader waits here for an item
+        self._sync_waiting = False
         self._items: collections.deque[RequestOutput | BaseException] = collections.deque()
-        self._sync_wakeup: queue.Queue[None] = queue.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future | None = None
         self._done = False  # the reader has seen the last item
         self._closed = False
 
     # ---- engine side -------------------------------------------------------------------------------------
-    def put(self, item: RequestOutput | BaseException) -> None:
+    def put(self, item: RequestOutput | BaseException, wakeups: "Wakeups | None" = None) -> None:
+        """Queue one item and wake the reader; with ``wakeups``, an async reader is woken at ``wakeups.send()``."""
         with self._lock:
             self._items.append(item)
             loop, waiter = self._loop, self._waiter
-        self._sync_wakeup.put(None)
+            if self._sync_waiting:
+                self._ready.notify()
         if loop is not None and waiter is not None:
-            try:
-                loop.call_soon_threadsafe(_wake, waiter)
-            except RuntimeError:  # the reader's loop is closed: nobody is listening any more
-                pass
+            if wakeups is not None:
+                wakeups.add(loop, waiter)
+            else:
+                _call_soon(loop, _wake_all, [waiter])
 
     # ---- reader side -------------------------------------------------------------------------------------
     def _pop(self) -> RequestOutput | BaseException | None:
@@ -63,12 +67,21 @@ class RequestStream:
         if self._done or self._closed:
             raise StopIteration
         try:
-            while (item := self._pop()) is None:
-                self._sync_wakeup.get()
+            item = self._wait_sync()
         except BaseException:  # KeyboardInterrupt while waiting: abort cleanly
             self.close()
             raise
         return self._deliver(item)
+
+    def _wait_sync(self) -> RequestOutput | BaseException:
+        with self._ready:
+            while not self._items:
+                self._sync_waiting = True
+                try:
+                    self._ready.wait()
+                finally:
+                    self._sync_waiting = False
+            return self._items.popleft()
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -114,6 +127,29 @@ class RequestStream:
             pass
 
 
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+class Wakeups:
+    """Async readers to wake after one engine step, grouped by event loop: one ``call_soon_threadsafe`` each."""
+
+    def __init__(self):
+        self._by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future) -> None:
+        self._by_loop.setdefault(loop, []).append(waiter)
+
+    def send(self) -> None:
+        for loop, waiters in self._by_loop.items():
+            _call_soon(loop, _wake_all, waiters)
+        self._by_loop.clear()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, waiters: list[asyncio.Future]) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, waiters)
+    except RuntimeError:  # the reader's loop is closed: nobody is listening any more
+        pass
+
+
+def _wake_all(waiters: list[asyncio.Future]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)

@@ -2,14 +2,14 @@
 
 Content streams as it comes. From the first sign of a tool call (a start marker such as ``<tool_call>``, possibly
 split across deltas, or a reply that opens with ``{``) the text is held back; at the end it is parsed by
-``chat.parse_tool_calls``. Held-back text that turns out not to be a call is released, so nothing is lost.
+``tool_calls.parse_tool_calls``. Held-back text that turns out not to be a call is released, so nothing is lost.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from .chat import parse_tool_calls
+from .tool_calls import parse_tool_calls
 from .outputs import RequestOutput
 from .request_stream import RequestStream
 

@@ -1,4 +1,4 @@
-"""chat.py: messages and tools through chat templates, tool-call parsing, forced-call schemas.
+"""chat.py + tool_calls.py: messages and tools through chat templates, tool-call parsing, forced-call schemas.
 
 Uses the real SmolLM2 tokenizer (plain ChatML, no tool support -> the <tool_call> fallback) and, through
 ``chat_template=``, a Llama-3.1-style template that reads ``tools`` and a strict template that raises.
@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from optimum_nvidia_core.chat import (
-    ChatFormatter, forced_call_prefix, normalize_messages, normalize_tools, parse_tool_calls, tool_call_schema,
-    wrap_forced_call,
+from optimum_nvidia_core.chat import ChatFormatter, normalize_messages
+from optimum_nvidia_core.tool_calls import (
+    forced_call_prefix, normalize_tools, parse_tool_calls, tool_call_schema, wrap_forced_call,
 )
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from optimum_nvidia_core.chat import tool_call_schema
+from optimum_nvidia_core.tool_calls import tool_call_schema
 from optimum_nvidia_core.guided import GuidedDecoder, bitmask_to_bool, check_json_schema
 
 PADDED_VOCAB = 49152 + 64  # logits wider than the tokenizer, as with padded embeddings

@@ -17,9 +17,10 @@ from langchain_core.tools import tool
 from pydantic import BaseModel, ValidationError
 
 from langchain_optimum_nvidia import ChatOptimumNvidia, OptimumNvidia
-from langchain_optimum_nvidia.messages import chunk_message, to_chat_dicts, with_json_instruction
+from langchain_optimum_nvidia.messages import chunk_message, to_chat_dicts
 from langchain_optimum_nvidia.tools import convert_tools, normalize_tool_choice
 from optimum_nvidia_core.outputs import Metrics, RequestOutput, ToolCall, Usage
+from optimum_nvidia_core.plugin_options import ENGINE_FIELDS, SAMPLING_FIELDS
 
 
 @tool
@@ -75,15 +76,6 @@ def test_non_text_content_is_refused_with_a_clear_error():
 def test_unsupported_message_type_is_named():
     with pytest.raises(TypeError, match="RemoveMessage"):
         to_chat_dicts([RemoveMessage(id="1")])
-
-
-def test_structured_output_tells_the_model_the_keys():
-    schema = Weather.model_json_schema()
-    schema["properties"]["city"]["description"] = "the city's name"
-    plain = with_json_instruction([{"role": "user", "content": "Weather in Paris?"}], schema)
-    assert plain[0] == {"role": "system", "content": 'Answer in JSON with the key "city" (the city\'s name).'}
-    with_system = with_json_instruction([{"role": "system", "content": "Be brief."}, plain[1]], {"type": "object"})
-    assert with_system[0]["content"] == "Be brief.\n\nAnswer with a JSON object." and len(with_system) == 2
 
 
 # ---- chunks out -----------------------------------------------------------------------------------------------
@@ -169,6 +161,8 @@ def test_fields_alias_and_typos(cls):
     with pytest.raises(ValidationError, match="top_p"):
         cls(top_p=1.5)
     cls(api_key="unused", timeout=10, max_retries=2)  # remote-API arguments from generic code are accepted
+    for name in ("model_id", "model_kwargs", *ENGINE_FIELDS, *SAMPLING_FIELDS):
+        assert cls.model_fields[name].description, f"field {name} lost its description"
 
 
 def test_sampling_params_from_fields_call_kwargs_and_stop():

@@ -124,5 +124,5 @@ def test_callbacks_see_llm_events(llm):
 
 
 def test_unknown_call_arguments_fail_before_reaching_the_engine(llm):
-    with pytest.raises(ValueError, match="unknown argument"):
+    with pytest.raises(ValueError, match="unknown generation argument"):
         llm.complete("Hi", temprature=0.5)

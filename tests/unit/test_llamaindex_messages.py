@@ -11,6 +11,7 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
 )
 from llama_index.core.tools import FunctionTool
+from pydantic import ValidationError
 
 from llamaindex_optimum_nvidia import OptimumNvidiaLLM
 from llamaindex_optimum_nvidia.messages import (
@@ -21,6 +22,7 @@ from llamaindex_optimum_nvidia.messages import (
     tool_selections,
 )
 from optimum_nvidia_core.outputs import Metrics, RequestOutput, ToolCall, Usage
+from optimum_nvidia_core.plugin_options import ENGINE_FIELDS, SAMPLING_FIELDS
 
 
 def multiply(a: int, b: int) -> int:
@@ -102,10 +104,20 @@ def test_fields_and_sampling_overrides():
     assert llm.model_id == "some/model"
     assert llm.engine_options() == {"use_fp8": False, "kv_cache_dtype": "auto", "max_batch_size": 4,
                                     "device": "auto", "num_kv_blocks": 64}
-    params = llm.sampling_params({"top_k": 3, "max_tokens": 2, "seed": None})
+    params = llm.sampling_params(None, {"top_k": 3, "max_tokens": 2, "seed": None})
     assert (params.temperature, params.max_tokens, params.top_k) == (0.0, 2, 3)
-    with pytest.raises(ValueError, match="unknown argument"):
-        llm.sampling_params({"frobnicate": 1})
+    with pytest.raises(ValueError, match="unknown generation argument"):
+        llm.sampling_params(None, {"frobnicate": 1})
+
+
+def test_shared_fields_keep_their_docs_and_checks():
+    fields = OptimumNvidiaLLM.model_fields
+    for name in ("model_id", "model_kwargs", *ENGINE_FIELDS, *SAMPLING_FIELDS):
+        assert fields[name].description, f"field {name} lost its description"
+    assert fields["model_id"].alias == "model"
+    with pytest.raises(ValidationError, match="top_p"):
+        OptimumNvidiaLLM(top_p=0.0)
+    assert OptimumNvidiaLLM(presence_penalty=0.5).sampling_params(None, {}).presence_penalty == 0.5
 
 
 def test_prepare_chat_with_tools_forces_a_call_when_required():

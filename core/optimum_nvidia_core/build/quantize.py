@@ -7,8 +7,9 @@ Recipe defaults, and why:
   fp32 accumulator once per output. Rounded with GPTQ error compensation (build/gptq.py) from the calibration
   inputs' Hessians: plain round-to-nearest costs SmolLM2-135M ~4% perplexity by itself (``weight_rounding``).
 - activations: static per-tensor scales from calibration (no run-time reduction; 2x headroom over the calibrated
-  absmax, see HEADROOM), or dynamic per token
-  (``activation_scheme="dynamic"``: no calibration, robust to outliers, one absmax per row at run time).
+  absmax, see HEADROOM; down_proj stays dynamic, see Fp8Recipe.dynamic_linears), or dynamic per token everywhere
+  (``activation_scheme="dynamic"``: robust to outliers, one absmax per row at run time; with
+  ``weight_rounding="nearest"`` it needs no calibration at all).
 - KV cache (``kv_cache_dtype="fp8"``): one calibrated scale for K and one for V per attention layer (same headroom).
 """
 from __future__ import annotations

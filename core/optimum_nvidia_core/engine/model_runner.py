@@ -78,33 +78,45 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flatten the scheduled chunks: input_ids [T], positions [T], and the attention layout."""
-        ids, positions, slots, starts, ctx_lens, tables, q_lens = [], [], [], [0], [], [], []
+        """Flatten the scheduled chunks: input_ids [T], positions [T], and the attention layout. Every integer
+        goes into ONE host tensor (pinned on CUDA) and ONE host->device copy; the int32 parts are cast with one
+        device kernel. Several small copies cost more host time than the data they move."""
+        bs = self.block_size
+        ids, positions, slots, starts, ctx_lens, q_lens, tables = [], [], [], [0], [], [], []
         for seq, q in zip(batch.seqs, batch.num_query_tokens):
-            begin = seq.num_computed_tokens
-            end = begin + q
-            ids.extend(seq.token_ids[begin:end])
-            positions.extend(range(begin, end))
-            table = seq.block_table
-            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size for p in range(begin, end))
+            begin, end, table = seq.num_computed_tokens, seq.num_computed_tokens + q, seq.block_table
+            if q == 1:  # decode: one token, no slices or generators
+                ids.append(seq.token_ids[begin])
+                positions.append(begin)
+                slots.append(table[begin // bs] * bs + begin % bs)
+            else:
+                ids.extend(seq.token_ids[begin:end])
+                positions.extend(range(begin, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
             starts.append(starts[-1] + q)
             ctx_lens.append(end)
             q_lens.append(q)
             tables.append(table)
         width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-
-        def dev(values, dtype):
-            return torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda").to(
-                self.device, non_blocking=True)
-
+        flat_tables = []
+        for table in tables:
+            flat_tables.extend(table)
+            flat_tables.extend([0] * (width - len(table)))
+        num_tokens, num_seqs = len(ids), len(q_lens)
+        host = torch.tensor(ids + positions + slots + starts + ctx_lens + flat_tables, dtype=torch.int64,
+                            pin_memory=self.device.type == "cuda")
+        packed = host.to(self.device, non_blocking=True)
+        as_int64 = packed[: 3 * num_tokens]  # ids, positions, slots
+        as_int32 = packed[3 * num_tokens:].to(torch.int32)  # starts [S+1], context lens [S], tables [S*W]
+        input_ids, positions_t, slot_mapping = as_int64.view(3, num_tokens).unbind(0)
         attn = AttentionMetadata(
-            slot_mapping=dev(slots, torch.int64), query_start_loc=dev(starts, torch.int32),
-            context_lens=dev(ctx_lens, torch.int32), block_tables=dev(padded, torch.int32),
+            slot_mapping=slot_mapping, query_start_loc=as_int32[: num_seqs + 1],
+            context_lens=as_int32[num_seqs + 1: 2 * num_seqs + 1],
+            block_tables=as_int32[2 * num_seqs + 1:].view(num_seqs, width),
             max_query_len=max(q_lens), max_context_len=max(ctx_lens), query_lens_host=q_lens,
             context_lens_host=ctx_lens,
         )
-        return dev(ids, torch.int64), dev(positions, torch.int64), attn
+        return input_ids, positions_t, attn
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, allowed: dict[int, torch.Tensor] | None = None
@@ -119,9 +131,8 @@ class ModelRunner:
         rows = [i for i, s in enumerate(batch.samples) if s]
         if not rows:
             return [None] * len(batch.seqs), [None] * len(batch.seqs)
-        last_token = attn.query_start_loc[1:].long() - 1  # [S] index of each sequence's last query token
         sample_seqs = [batch.seqs[i] for i in rows]
-        logits = self.model.compute_logits(hidden[last_token[rows]])  # [R, V] float32
+        logits = self.model.compute_logits(self._last_hidden(hidden, attn, rows))  # [R, V] float32
         if self.fault_hook is not None:
             self.fault_hook(logits, sample_seqs)
         mask = self._allowed_mask(rows, allowed, logits)
@@ -135,6 +146,17 @@ class ModelRunner:
             if out.logprobs is not None:
                 top[i] = out.logprobs[k]
         return sampled, top
+
+    def _last_hidden(self, hidden: torch.Tensor, attn: AttentionMetadata, rows: list[int]) -> torch.Tensor:
+        """hidden [T, H] -> [R, H]: the last query token of each sampled sequence (rows)."""
+        if attn.is_decode_only and len(rows) == attn.num_seqs:
+            return hidden  # one token per sequence, all sampled: nothing to gather
+        ends, end = [], 0
+        for q in attn.query_lens_host:
+            end += q
+            ends.append(end - 1)
+        index = torch.tensor([ends[i] for i in rows], dtype=torch.int64).to(hidden.device, non_blocking=True)
+        return hidden[index]
 
     def _allowed_mask(self, rows: list[int], allowed: dict[int, torch.Tensor] | None,
                       logits: torch.Tensor) -> torch.Tensor | None:

@@ -49,6 +49,7 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.error: str | None = None
         self.seed = seed if seed is not None else _derive_seed(params.seed, index)
+        self.sampling_row = None  # the sampler's RowParams, derived once from params on first use
 
     # -- token views --------------------------------------------------------------------------------------------
     @property

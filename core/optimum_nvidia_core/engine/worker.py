@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from ..outputs import RequestOutput
-from ..request_stream import EngineError, RequestStream
+from ..request_stream import EngineError, RequestStream, Wakeups
 from ..sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -113,17 +113,19 @@ class EngineWorker:
             self._stopping = True
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        wakeups = Wakeups()  # one wake-up per event loop for the whole step
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # aborted meanwhile
             if out.error is not None:
                 del self._streams[out.request_id]
-                stream.put(EngineError(out.error))
+                stream.put(EngineError(out.error), wakeups)
             else:
                 if out.finished:
                     del self._streams[out.request_id]
-                stream.put(out)
+                stream.put(out, wakeups)
+        wakeups.send()
 
     def _fail_everything(self) -> None:
         reason = EngineError(

@@ -22,20 +22,59 @@ _GREEDY_BELOW = 1e-5  # temperatures this small are treated as greedy (the divis
 _MASK32 = 0xFFFFFFFF
 
 
+@dataclass(frozen=True)
+class RowParams:
+    """One sequence's sampling parameters in the sampler's terms, derived once (SamplingParams never change)."""
+
+    eos_token_ids: tuple[int, ...]  # what banned_ids was derived with
+    greedy: bool
+    floats: tuple[float, ...]  # temperature (1.0 when greedy), top_p, min_p, repetition, presence, frequency, greedy
+    top_k: int
+    truncates: bool  # a sampled row with top-k or top-p: needs the sort
+    uses_min_p: bool
+    penalizes_prompt: bool  # repetition penalty: needs the prompt ids
+    penalizes_output: bool  # any penalty: needs the output ids
+    banned_ids: tuple[int, ...]  # EOS / stop ids, banned while below min_tokens
+    min_tokens: int
+    num_logprobs: int | None
+
+    @classmethod
+    def of(cls, seq: "Sequence", eos_token_ids: tuple[int, ...]) -> "RowParams":
+        """Cached on the sequence (``seq.sampling_row``)."""
+        row = seq.sampling_row
+        if row is not None and row.eos_token_ids == eos_token_ids:
+            return row
+        p = seq.params
+        greedy = p.temperature < _GREEDY_BELOW
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+        row = cls(
+            eos_token_ids=eos_token_ids, greedy=greedy,
+            floats=(1.0 if greedy else p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+                    p.frequency_penalty, float(greedy)),
+            top_k=p.top_k, truncates=not greedy and (p.top_k > 0 or p.top_p < 1.0),
+            uses_min_p=not greedy and p.min_p > 0.0, penalizes_prompt=p.repetition_penalty != 1.0,
+            penalizes_output=bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty),
+            banned_ids=tuple(sorted(banned)), min_tokens=p.min_tokens, num_logprobs=p.logprobs,
+        )
+        seq.sampling_row = row
+        return row
+
+
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters as tensors ([S] each unless noted), built once per step."""
+    """Per-row sampling parameters as tensors ([S] each unless noted), built once per step. When every row is
+    greedy with no penalty, ban or logprobs (the common serving case), no tensor is built at all: argmax only."""
 
-    temperature: torch.Tensor  # float32, 1.0 on greedy rows
-    is_greedy: torch.Tensor  # bool
-    top_k: torch.Tensor  # int64, 0 = off
-    top_p: torch.Tensor  # float32, 1.0 = off
-    min_p: torch.Tensor  # float32, 0.0 = off
-    seeds: torch.Tensor  # int64
-    positions: torch.Tensor  # int64: position of the token being sampled (= tokens so far)
-    repetition_penalty: torch.Tensor  # float32
-    presence_penalty: torch.Tensor  # float32
-    frequency_penalty: torch.Tensor  # float32
+    temperature: torch.Tensor | None = None  # float32, 1.0 on greedy rows
+    is_greedy: torch.Tensor | None = None  # bool
+    top_k: torch.Tensor | None = None  # int64, 0 = off
+    top_p: torch.Tensor | None = None  # float32, 1.0 = off
+    min_p: torch.Tensor | None = None  # float32, 0.0 = off
+    seeds: torch.Tensor | None = None  # int64
+    positions: torch.Tensor | None = None  # int64: position of the token being sampled (= tokens so far)
+    repetition_penalty: torch.Tensor | None = None  # float32
+    presence_penalty: torch.Tensor | None = None  # float32
+    frequency_penalty: torch.Tensor | None = None  # float32
     # Padded with -1: [S, L] token ids. Only built when some row needs them (else None).
     prompt_token_ids: torch.Tensor | None = None
     output_token_ids: torch.Tensor | None = None
@@ -55,38 +94,32 @@ class SamplingBatch:
         eos_token_ids: list[int] | tuple[int, ...] = (),
         allowed_mask: torch.Tensor | None = None,
     ) -> "SamplingBatch":
-        params = [seq.params for seq in seqs]
-        greedy = [p.temperature < _GREEDY_BELOW for p in params]
-
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-        batch = cls(
-            temperature=tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
-            is_greedy=tensor(greedy, torch.bool),
-            top_k=tensor([p.top_k for p in params], torch.int64),
-            top_p=tensor([p.top_p for p in params], torch.float32),
-            min_p=tensor([p.min_p for p in params], torch.float32),
-            seeds=tensor([seq.seed for seq in seqs], torch.int64),
-            positions=tensor([seq.num_tokens for seq in seqs], torch.int64),
-            repetition_penalty=tensor([p.repetition_penalty for p in params], torch.float32),
-            presence_penalty=tensor([p.presence_penalty for p in params], torch.float32),
-            frequency_penalty=tensor([p.frequency_penalty for p in params], torch.float32),
-            allowed_mask=allowed_mask,
-            all_greedy=all(greedy),
-            any_min_p=any(p.min_p > 0.0 for p, g in zip(params, greedy) if not g),
-            num_logprobs=tuple(p.logprobs for p in params),
-        )
-        truncated = [i for i, (p, g) in enumerate(zip(params, greedy)) if not g and (p.top_k > 0 or p.top_p < 1.0)]
-        if truncated:
-            batch.top_k_top_p_rows = tensor(truncated, torch.int64)
-        if any(p.repetition_penalty != 1.0 for p in params):
-            batch.prompt_token_ids = _padded([seq.token_ids[: seq.num_prompt_tokens] for seq in seqs], device)
-        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
-            batch.output_token_ids = _padded([seq.output_token_ids for seq in seqs], device)
-        banned = [_banned_ids(seq, eos_token_ids) for seq in seqs]
+        eos_token_ids = tuple(eos_token_ids)
+        rows = [RowParams.of(seq, eos_token_ids) for seq in seqs]
+        banned = [r.banned_ids if seq.num_output_tokens < r.min_tokens else () for seq, r in zip(seqs, rows)]
+        batch = cls(allowed_mask=allowed_mask, all_greedy=all(r.greedy for r in rows),
+                    num_logprobs=tuple(r.num_logprobs for r in rows))
         if any(banned):
-            batch.banned_token_ids = _padded(banned, device)
+            batch.banned_token_ids = _padded([list(b) for b in banned], device)
+        penalizes = any(r.penalizes_output for r in rows)
+        if batch.all_greedy and not penalizes:
+            return batch  # argmax needs nothing else
+        # Two host->device copies for all per-row values: floats [S, 7] and ints [S, 3].
+        floats = torch.tensor([r.floats for r in rows], dtype=torch.float32).to(device, non_blocking=True)
+        ints = torch.tensor([(r.top_k, seq.seed, seq.num_tokens) for seq, r in zip(seqs, rows)],
+                            dtype=torch.int64).to(device, non_blocking=True)
+        (batch.temperature, batch.top_p, batch.min_p, batch.repetition_penalty, batch.presence_penalty,
+         batch.frequency_penalty, greedy) = floats.unbind(1)
+        batch.is_greedy = greedy > 0.5
+        batch.top_k, batch.seeds, batch.positions = ints.unbind(1)
+        batch.any_min_p = any(r.uses_min_p for r in rows)
+        truncated = [i for i, r in enumerate(rows) if r.truncates]
+        if truncated:
+            batch.top_k_top_p_rows = torch.tensor(truncated, dtype=torch.int64).to(device, non_blocking=True)
+        if any(r.penalizes_prompt for r in rows):
+            batch.prompt_token_ids = _padded([seq.token_ids[: seq.num_prompt_tokens] for seq in seqs], device)
+        if penalizes:
+            batch.output_token_ids = _padded([seq.output_token_ids for seq in seqs], device)
         return batch
 
 
@@ -206,13 +239,6 @@ def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def _padded(rows: list[list[int]], device: torch.device | str) -> torch.Tensor:
     width = max(1, max(len(r) for r in rows))
     return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64).to(device, non_blocking=True)
-
-
-def _banned_ids(seq: "Sequence", eos_token_ids) -> list[int]:
-    params = seq.params
-    if seq.num_output_tokens >= params.min_tokens:
-        return []
-    return sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids)))
 
 
 def _top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_logprobs) -> list[dict[int, float] | None]:
