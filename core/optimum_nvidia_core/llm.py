@@ -9,6 +9,7 @@ import atexit
 import json
 import threading
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 
@@ -21,8 +22,9 @@ from .tool_stream import ToolCallStream
 
 Prompt = str | list[int]
 
-_registry: dict[str, Any] = {}
-_registry_lock = threading.Lock()
+_registry: dict[str, Any] = {}  # options key -> EngineWorker
+_handles: dict[str, int] = {}  # options key -> live LLM handles; the engine stops with the last one
+_registry_lock = threading.RLock()  # re-entrant: a handle's finalizer may run during a registry update
 
 
 class LLM:
@@ -36,6 +38,9 @@ class LLM:
         self.config = EngineConfig(model=str(model), use_fp8=use_fp8, **engine_options)
         self._key = _registry_key(self.config)
         self._worker = _get_or_start_worker(self._key, self.config)
+        with _registry_lock:
+            _handles[self._key] = _handles.get(self._key, 0) + 1
+        weakref.finalize(self, _release, self._key)
 
     # ---- properties ------------------------------------------------------------------------------------
     @property
@@ -136,7 +141,9 @@ class LLM:
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         worker = self._live_worker()
         token_ids = worker.engine.check_prompt(prompt, params)
-        return worker.submit(uuid.uuid4().hex, token_ids, params)
+        stream = worker.submit(uuid.uuid4().hex, token_ids, params)
+        stream.keepalive = self
+        return stream
 
     def _live_worker(self) -> Any:
         if not self._worker.alive:  # the engine died or was shut down: the next call starts a fresh one
@@ -204,6 +211,20 @@ def _get_or_start_worker(key: str, config: EngineConfig) -> Any:
             worker = EngineWorker(LLMEngine(config))
             _registry[key] = worker
         return worker
+
+
+def _release(key: str) -> None:
+    """The last handle on an engine is gone: stop its thread and free its memory (without waiting: this may run
+    inside the garbage collector on any thread, the engine's own included)."""
+    with _registry_lock:
+        count = _handles.get(key, 0) - 1
+        if count > 0:
+            _handles[key] = count
+            return
+        _handles.pop(key, None)
+        worker = _registry.pop(key, None)
+    if worker is not None:
+        worker.shutdown(timeout=0)
 
 
 @atexit.register

@@ -30,6 +30,7 @@ class RequestStream:
         self._items: collections.deque[RequestOutput | BaseException] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future | None = None
+        self.keepalive: object = None  # the LLM handle that made it: its engine lives while the stream does
         self._done = False  # the reader has seen the last item
         self._closed = False
 

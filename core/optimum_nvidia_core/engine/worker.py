@@ -57,7 +57,8 @@ class EngineWorker:
         if self._thread.is_alive():
             self._stopping = True
             self._commands.put(("stop",))
-            self._thread.join(timeout)
+            if timeout > 0 and threading.current_thread() is not self._thread:
+                self._thread.join(timeout)
 
     def _check_alive(self) -> None:
         if self.error is not None:
