@@ -214,8 +214,8 @@ def _get_or_start_worker(key: str, config: EngineConfig) -> Any:
 
 
 def _release(key: str) -> None:
-    """The last handle on an engine is gone: stop its thread and free its memory (without waiting: this may run
-    inside the garbage collector on any thread, the engine's own included)."""
+    """The last handle on an engine is gone: stop its thread and free its memory. This may run inside the garbage
+    collector on any thread; the join is bounded, and skipped on the engine's own thread."""
     with _registry_lock:
         count = _handles.get(key, 0) - 1
         if count > 0:
@@ -224,7 +224,7 @@ def _release(key: str) -> None:
         _handles.pop(key, None)
         worker = _registry.pop(key, None)
     if worker is not None:
-        worker.shutdown(timeout=0)
+        worker.shutdown(timeout=5.0)
 
 
 @atexit.register

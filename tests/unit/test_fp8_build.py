@@ -212,3 +212,18 @@ def test_fp8_refused_on_gpu_below_capability_8_9(monkeypatch):
         check_fp8_supported(torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_fp8_supported(torch.device("cuda"))
+
+
+def test_save_refuses_a_non_engine_directory(tiny_dir, tmp_path):
+    from optimum_nvidia_core.build import save_engine
+
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep me")
+    model = load_model(tiny_dir, torch.float32, "cpu")
+    with pytest.raises(FileExistsError, match="not an engine directory"):
+        save_engine(model, tiny_dir, occupied)
+    assert (occupied / "notes.txt").read_text() == "keep me"
+    saved = save_engine(model, tiny_dir, tmp_path / "plain")  # an unquantized model saves and loads too
+    assert read_manifest(saved)["identity"]["recipe"]["use_fp8"] is False
+    assert not any(isinstance(m, Fp8Linear) for m in load_engine(saved, torch.float32, "cpu").modules())

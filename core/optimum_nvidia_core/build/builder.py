@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import shutil
 from pathlib import Path
 
@@ -26,8 +25,6 @@ WEIGHTS_NAME = "model.safetensors"
 _NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".index.json", ".lock")
 _FULL_HASH_LIMIT = 64 << 20  # files up to this size are hashed whole; bigger ones get a sampled fingerprint
 _SAMPLE_BYTES = 4 << 20
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_device_dtype(config) -> tuple[torch.device, torch.dtype]:
