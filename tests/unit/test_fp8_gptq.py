@@ -37,3 +37,13 @@ def test_gptq_per_tensor_and_dead_inputs():
     codes, scale = gptq_quantize_weight(weight, x.t() @ x, per_channel=False)
     assert scale.shape == (1,) and torch.isfinite(codes.float()).all()
     assert _output_error(x, weight, codes, scale) < 0.05
+
+
+def test_indefinite_hessian_falls_back_instead_of_crashing():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 32)
+    hessian = -torch.eye(32)  # no amount of damping makes this positive definite
+    codes, scale = gptq_quantize_weight(weight, hessian)
+    nearest, nearest_scale = quantize_weight(weight)
+    assert torch.equal(scale.reshape(-1), nearest_scale.reshape(-1))
+    assert torch.equal(codes.float(), nearest.float())  # identity factor: plain round-to-nearest

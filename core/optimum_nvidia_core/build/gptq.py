@@ -15,7 +15,7 @@ import torch
 from optimum_nvidia_core.layers.fp8_linear import absmax_scale, quantize_fp8
 
 BLOCK = 64  # columns rounded together before their error reaches the rest through one matmul
-DAMPING = 0.01  # fraction of the mean Hessian diagonal added to it: keeps the Cholesky factorization stable
+DAMPINGS = (0.01, 0.1, 1.0)  # fractions of the mean Hessian diagonal added to it, tried in turn until Cholesky works
 
 
 @torch.no_grad()
@@ -61,12 +61,22 @@ def _round_columns(w_t: torch.Tensor, upper: torch.Tensor, scale_row: torch.Tens
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 (after damping). Inputs that never fired get weight 0 and H_ii = 1."""
+    """Upper Cholesky factor of H^-1 (after damping). Inputs that never fired get weight 0 and H_ii = 1.
+
+    A Hessian that stays indefinite in float32 (seen on a random 7B checkpoint on the GPU) gets more damping; if
+    even that fails, the identity factor makes the loop plain round-to-nearest for this layer, never a crash."""
     hessian = hessian.clone()
     dead = hessian.diagonal() == 0
     hessian[dead, dead] = 1.0
     w_t[dead] = 0.0
-    hessian.diagonal().add_(DAMPING * hessian.diagonal().mean())
     identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    inverse = torch.cholesky_solve(identity, torch.linalg.cholesky(hessian))  # cholesky_inverse: 15x slower on CPU
-    return torch.linalg.cholesky(inverse, upper=True)
+    mean_diagonal = hessian.diagonal().mean()
+    for damping in DAMPINGS:
+        lower, info = torch.linalg.cholesky_ex(hessian + damping * mean_diagonal * identity)
+        if int(info) != 0:
+            continue
+        inverse = torch.cholesky_solve(identity, lower)  # cholesky_inverse: 15x slower on CPU
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        if int(info) == 0:
+            return upper
+    return identity
