@@ -1,6 +1,6 @@
 """Bad inputs: each gets one clear error that names the problem and the fix, and the engine keeps serving.
 
-Every case here is one row of the table in docs/RELIABILITY.md (same ids). A case is (id, action, error type, regex
+Every case here is one row of the table in README.md (same ids). A case is (id, action, error type, regex
 the message must match); the action gets the shared tiny-model LLM and a scratch directory. After each case the
 same engine must still answer a good request."""
 from __future__ import annotations
@@ -244,9 +244,9 @@ def test_bad_input_fails_alone_with_a_clear_message(llm, model_dir, tmp_path, mo
 
 
 def test_the_table_lists_every_case():
-    table = (Path(__file__).resolve().parents[2] / "docs" / "RELIABILITY.md").read_text(encoding="utf-8")
+    table = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     missing = [case[0] for case in CASES if f"`{case[0]}`" not in table]
-    assert not missing, f"docs/RELIABILITY.md has no row for {missing}"
+    assert not missing, f"README.md has no row for {missing}"
     assert len(CASES) >= 30
 
 

@@ -142,6 +142,9 @@ def verify_engine_dir(engine_dir: Path, expected_key: str | None = None) -> dict
         return manifest
     for name, entry in manifest.get("files", {}).items():
         path = engine_dir / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise EngineDirError(f"{engine_dir}: the manifest lists {name!r}, a file outside the engine directory; "
+                                 "this engine directory was tampered with: rebuild it")
         if not path.is_file():
             raise EngineDirError(f"{engine_dir}: file {name} listed in the manifest is missing")
         if path.stat().st_size != entry["size"]:
