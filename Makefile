@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 model: setup
-	$(PY) -m optimum_nvidia_core.hub
+	$(PY) -c "from optimum_nvidia_core.hub import DEFAULT_MODEL, resolve_model; print('default model:', resolve_model(DEFAULT_MODEL))"
 
 demo: model
 	$(PY) examples/langchain_rag.py
