@@ -201,6 +201,8 @@ def test_keyboard_interrupt_in_the_consumer_loop_aborts(llm):
 def test_ctrl_c_while_waiting_for_the_next_token_aborts(llm):
     """A real SIGINT while the main thread blocks in the stream (the engine is slowed down so it waits)."""
     llm.engine.runner.fault_hook = lambda logits, seqs: time.sleep(0.05)
+    # Python's own Ctrl-C handler, whatever an earlier test's library (an asyncio runner, say) left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.4, os.kill, args=(os.getpid(), signal.SIGINT))
     received = []
     with pytest.raises(KeyboardInterrupt):
@@ -209,6 +211,7 @@ def test_ctrl_c_while_waiting_for_the_next_token_aborts(llm):
             if len(received) == 1:
                 timer.start()
     timer.join()
+    signal.signal(signal.SIGINT, previous)
     assert 1 <= len(received) < LONG.max_tokens
     llm.engine.runner.fault_hook = None
     _assert_idle_and_serving(llm)

@@ -50,7 +50,7 @@ class TokenCounter(BaseCallbackHandler):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """The shared tiny Llama with a 2048-token context: the tiny tokenizer spends ~470 tokens on a tools section."""
-    from conftest import write_tiny_checkpoint, write_tiny_tokenizer
+    from tiny_models import write_tiny_checkpoint, write_tiny_tokenizer
     from transformers import GenerationConfig
 
     out_dir = tmp_path_factory.mktemp("tiny_llama_2k")

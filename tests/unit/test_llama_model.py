@@ -104,7 +104,7 @@ def test_sharded_random_checkpoint_loads_and_matches_transformers(tmp_path, page
     """write_random_checkpoint (no transformers model involved) + sharded index -> same logits as transformers."""
     import transformers
 
-    from tests.conftest import tiny_config
+    from tiny_models import tiny_config
 
     config = tiny_config("qwen2")
     path = write_random_checkpoint(config, tmp_path / "sharded", dtype=torch.float32, max_shard_bytes=200_000,
@@ -118,7 +118,7 @@ def test_sharded_random_checkpoint_loads_and_matches_transformers(tmp_path, page
 
 
 def test_hf_weight_shapes_follow_checkpoint_names():
-    from tests.conftest import tiny_config
+    from tiny_models import tiny_config
 
     shapes = hf_weight_shapes(tiny_config("llama2"))
     assert shapes["model.layers.0.self_attn.q_proj.weight"] == (64, 64)
@@ -158,7 +158,7 @@ def test_shape_mismatch_is_a_clear_error(tiny_checkpoint):
 
 
 def test_unsupported_rope_type_is_refused(tiny_checkpoint):
-    from tests.conftest import tiny_config
+    from tiny_models import tiny_config
 
     config = tiny_config("llama2", rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0))
     with pytest.raises(ValueError, match="rope type 'yarn' is not supported; supported: default, linear, llama3"):
