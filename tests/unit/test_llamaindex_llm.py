@@ -126,3 +126,8 @@ def test_callbacks_see_llm_events(llm):
 def test_unknown_call_arguments_fail_before_reaching_the_engine(llm):
     with pytest.raises(ValueError, match="unknown generation argument"):
         llm.complete("Hi", temprature=0.5)
+
+
+def test_a_misspelt_argument_is_an_error_not_ignored():
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['temprature'\]"):
+        OptimumNvidiaLLM(temprature=0.0)
