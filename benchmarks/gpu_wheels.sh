@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The GPU machines have no pydantic (the core needs it) and no network. Run this HERE, then pass `carry: [".whl"]`
+# to the device tool and, there, unpack the wheels onto PYTHONPATH:
+#   mkdir -p /tmp/pp && for w in .whl/*.whl; do python -m zipfile -e $w /tmp/pp; done
+#   export PYTHONPATH=core:.:/tmp/pp
+# (.whl/ stays out of git: add `/.whl/` to .git/info/exclude.)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+  --implementation cp -d .whl pydantic==2.14.4 pydantic_core==2.50.5 annotated-types typing-inspection
+ls .whl
