@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 

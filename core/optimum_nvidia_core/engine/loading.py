@@ -42,17 +42,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def check_fp8_supported(device: torch.device) -> None:
-    if device.type != "cuda":
-        return  # the CPU emulates e4m3 with the same rounding
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        raise RuntimeError(
-            f"FP8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); {name} is {major}.{minor}. "
-            "Use use_fp8=False and kv_cache_dtype='auto' (bf16) on this GPU.")
-
-
 def load(config: EngineConfig) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -63,6 +52,8 @@ def load(config: EngineConfig) -> LoadedModel:
     dtype = pick_dtype(config.dtype, device)
     wants_fp8 = config.use_fp8 or config.kv_cache_dtype == "fp8"
     if wants_fp8:
+        from ..build.quantize import check_fp8_supported
+
         check_fp8_supported(device)
     path = Path(config.model).expanduser()
     if (path / MANIFEST).is_file():
