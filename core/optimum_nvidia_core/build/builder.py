@@ -28,16 +28,11 @@ _SAMPLE_BYTES = 4 << 20
 
 
 def resolve_device_dtype(config) -> tuple[torch.device, torch.dtype]:
-    """config.device / config.dtype with 'auto' resolved: cuda if present; bf16 on GPU, fp32 on CPU."""
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
-    if config.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, config.dtype)
-    return device, dtype
+    """config.device / config.dtype with 'auto' resolved exactly as the engine resolves them."""
+    from optimum_nvidia_core.engine.loading import pick_device, pick_dtype
+
+    device = pick_device(config.device)
+    return device, pick_dtype(config.dtype, device)
 
 
 def describe_device(device: torch.device) -> dict:
