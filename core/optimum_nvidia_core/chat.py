@@ -24,12 +24,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .text_checks import check_unicode
 from .tool_calls import (
     AUTO_CHOICES,
     FORCING_CHOICES,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
-    check_unicode,
     choice_name,
     new_call_id,
     normalize_tools,

@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .text_checks import check_unicode
+
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 256
 
@@ -62,7 +64,7 @@ class SamplingParams(BaseModel):
                 raise ValueError("stop strings must be non-empty")
             if len(s) > MAX_STOP_STRING_CHARS:
                 raise ValueError(f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters")
-            _check_encodable(s, "stop")
+            check_unicode(s, "stop")
         return value
 
     @model_validator(mode="after")
@@ -74,10 +76,3 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-def _check_encodable(text: str, field: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{field} contains a lone surrogate at index {exc.start}; pass valid Unicode text") from None

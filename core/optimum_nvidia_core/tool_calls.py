@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .guided import check_json_schema, function_call_schema
 from .outputs import ToolCall
+from .text_checks import check_unicode
 
 if TYPE_CHECKING:
     from .chat import ChatFormatter
@@ -199,14 +200,3 @@ def _as_call(value: Any, allowed: set[str] | None) -> ToolCall | None:
     if not isinstance(name, str) or not isinstance(args, dict) or (allowed is not None and name not in allowed):
         return None
     return ToolCall(id=new_call_id(), name=name, arguments=args)
-
-
-# ---- text -------------------------------------------------------------------------------------------------------
-def check_unicode(text: str, where: str) -> str:
-    """``text`` itself; a ValueError naming ``where`` if it holds a lone surrogate (not encodable as UTF-8)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{where} contains a lone surrogate at index {exc.start}; pass valid Unicode text "
-                         "(decode bytes with errors='replace')") from None
-    return text

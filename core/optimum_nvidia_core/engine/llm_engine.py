@@ -12,11 +12,12 @@ import torch
 from ..config import EngineConfig
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
+from ..text_checks import check_unicode
+from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .loading import LoadedModel, load
 from .model_runner import ModelRunner
 from .request import Request
-from .block_manager import BlockManager
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -53,7 +54,9 @@ class LLMEngine:
         return self._formatter
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        _check_text(text)
+        if not isinstance(text, str):
+            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(text).__name__}")
+        check_unicode(text, "the prompt")
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def check_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
@@ -209,12 +212,3 @@ class LLMEngine:
         from ..build import save_engine
 
         return save_engine(self.runner.model, self.loaded.model_dir, Path(engine_dir))
-
-
-def _check_text(text: str) -> None:
-    if not isinstance(text, str):
-        raise TypeError(f"a prompt must be a str or a list of token ids, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"the text has a lone surrogate at index {exc.start}; pass valid Unicode") from None
