@@ -93,7 +93,7 @@ def test_grammar_that_allows_no_token_fails_that_request_only(llm):
     expected = llm.generate([PROMPTS[2]], GREEDY)[0].token_ids
     stuck_stream = llm.stream(PROMPTS[1], stuck)
     other = llm.stream(PROMPTS[2], GREEDY)
-    with pytest.raises(EngineError, match="grammar"):
+    with pytest.raises(EngineError, match="grammar is complete after .* but min_tokens=8 forbids stopping"):
         list(stuck_stream)
     assert [t for d in other for t in d.token_ids] == expected
     guided = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=10, temperature=0.0, guided_json={"const": "a"}))

@@ -120,7 +120,13 @@ class LLMEngine:
         self.counters["max_running_seqs"] = max(self.counters["max_running_seqs"], len(batch.seqs))
         self.counters["max_batch_tokens"] = max(self.counters["max_batch_tokens"], sum(batch.num_query_tokens))
         allowed, failed = self._grammar_masks(batch)
-        outputs += [self._fail(rid, msg) for rid, msg in failed]
+        if failed:  # their blocks are freed: take them out of this step
+            outputs += [self._fail(rid, msg) for rid, msg in failed]
+            batch, allowed = self._only_live(batch, allowed)
+            # Blocks they registered for prefix reuse when scheduled will never be computed now.
+            self.block_manager.reset_prefix_cache()
+            if not batch.seqs:
+                return [o for o in outputs if o is not None]
         try:
             tokens, logprobs = self.runner.run(batch, allowed)
         except Exception as exc:  # e.g. out of memory on a huge prefill: fail this batch, keep serving
@@ -150,8 +156,26 @@ class LLMEngine:
             row = torch.zeros(self.vocab_size, dtype=torch.bool)
             if not req.matchers[seq.index].fill_mask(row):
                 failed.append((seq.request_id, "the output grammar allows no next token; check the JSON schema"))
+            elif seq.num_output_tokens < req.params.min_tokens and not self._allows_more_than_eos(row):
+                failed.append((seq.request_id, (
+                    f"the output grammar is complete after {seq.num_output_tokens} tokens but "
+                    f"min_tokens={req.params.min_tokens} forbids stopping; lower min_tokens for guided output")))
             allowed[i] = row
         return allowed, failed
+
+    def _only_live(self, batch, allowed: dict[int, torch.Tensor]):
+        """The batch without the sequences of requests that failed this step; grammar rows re-indexed."""
+        keep = [i for i, seq in enumerate(batch.seqs) if seq.request_id in self.requests]
+        live = dataclasses.replace(batch, seqs=[batch.seqs[i] for i in keep],
+                                   num_query_tokens=[batch.num_query_tokens[i] for i in keep],
+                                   samples=[batch.samples[i] for i in keep])
+        return live, {new: allowed[old] for new, old in enumerate(keep) if old in allowed}
+
+    def _allows_more_than_eos(self, row: torch.Tensor) -> bool:
+        """Whether the grammar mask ``row`` (bool [V]) allows any token other than an end-of-sequence one."""
+        others = row.clone()
+        others[self.eos_token_ids] = False
+        return bool(others.any())
 
     def _advance(self, seq: Sequence, token: int, top: dict[int, float] | None, now: float) -> RequestOutput | None:
         """Account one sampled (already appended) token: grammar, stop conditions, text delta."""
