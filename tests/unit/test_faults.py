@@ -17,6 +17,7 @@ import torch
 
 from optimum_nvidia_core import LLM, SamplingParams
 from optimum_nvidia_core.request_stream import EngineError
+from engine_idle import wait_idle
 
 LONG = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -31,18 +32,8 @@ def llm(tiny_llama_dir):
     llm.shutdown()
 
 
-def _wait_idle(llm: LLM, timeout: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = llm.stats()
-        if stats["running_requests"] == 0 and stats["free_blocks"] == stats["total_blocks"]:
-            return stats
-        time.sleep(0.02)
-    return llm.stats()
-
-
 def _assert_idle_and_serving(llm: LLM) -> None:
-    stats = _wait_idle(llm)
+    stats = wait_idle(llm)
     assert stats["running_requests"] == 0
     assert stats["free_blocks"] == stats["total_blocks"], "KV blocks leaked"
     assert len(llm.generate([PROMPTS[0]], GREEDY)[0].token_ids) == 10  # still serving

@@ -4,7 +4,6 @@ weights, because decoding is constrained)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Literal
 
 import pytest
@@ -14,6 +13,7 @@ from langchain_core.tools import tool
 from pydantic import BaseModel
 
 from langchain_optimum_nvidia import ChatOptimumNvidia, OptimumNvidia
+from engine_idle import wait_idle
 
 # ignore_eos: random weights may pick EOS at once; the tests want a known number of tokens.
 TEXT = {"ignore_eos": True}
@@ -73,16 +73,6 @@ def chat(tiny_dir):
     model.get_llm().shutdown()
 
 
-def _wait_idle(llm, timeout=5.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        stats = llm.stats()
-        if stats["running_requests"] == 0 and stats["free_blocks"] == stats["total_blocks"]:
-            break
-        time.sleep(0.02)
-    return llm.stats()
-
-
 def test_stream_contract(chat):
     chunks = list(chat.stream("Paris is", **TEXT))
     assert len([c for c in chunks if c.content]) >= 2  # really streamed, token by token
@@ -132,7 +122,7 @@ def test_breaking_out_of_a_stream_aborts_the_request(chat):
     for i, _chunk in enumerate(chat.stream("Once upon a time", max_tokens=200, **TEXT)):
         if i == 2:
             break
-    stats = _wait_idle(llm)
+    stats = wait_idle(llm)
     assert stats["running_requests"] == 0 and stats["free_blocks"] == stats["total_blocks"]
 
 

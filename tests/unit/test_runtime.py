@@ -3,11 +3,11 @@ cache, preemption, prefix reuse, streaming, cancellation, stop strings, seeds.""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from optimum_nvidia_core import LLM, SamplingParams
+from engine_idle import wait_idle
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -34,16 +34,6 @@ def _prompts(llm, count):
     return [[(7 * i + 13 * j) % (vocab - 10) + 5 for j in range(3 + 5 * i)] for i in range(count)]
 
 
-def _wait_idle(llm, timeout=5.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        stats = llm.stats()
-        if stats["running_requests"] == 0 and stats["free_blocks"] == stats["total_blocks"]:
-            return stats
-        time.sleep(0.02)
-    return llm.stats()
-
-
 def test_batch_invariance_greedy(make_llm):
     llm = make_llm(max_batch_size=16)
     prompts = _prompts(llm, 16)
@@ -64,7 +54,7 @@ def test_preemption_keeps_outputs(make_llm):
     got = [o.token_ids for o in tight.generate(prompts, params)]
     assert got == expected
     assert tight.stats()["preemptions"] > 0
-    stats = _wait_idle(tight)
+    stats = wait_idle(tight)
     assert stats["free_blocks"] == stats["total_blocks"]
 
 
@@ -99,7 +89,7 @@ async def test_200_concurrent_astreams_match_sequential(make_llm):
         else:
             assert len(ids) == params[i].max_tokens
     assert llm.stats()["max_running_seqs"] > 20
-    stats = _wait_idle(llm)
+    stats = wait_idle(llm)
     assert stats["free_blocks"] == stats["total_blocks"]
 
 
@@ -110,7 +100,7 @@ def test_breaking_a_stream_aborts_and_frees_blocks(make_llm):
         if i == 2:
             break
     del stream
-    stats = _wait_idle(llm)
+    stats = wait_idle(llm)
     assert stats["running_requests"] == 0
     assert stats["free_blocks"] == stats["total_blocks"]
 
@@ -127,7 +117,7 @@ async def test_cancelling_an_astream_task_frees_blocks(make_llm):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    stats = await asyncio.to_thread(_wait_idle, llm)
+    stats = await asyncio.to_thread(wait_idle, llm)
     assert stats["running_requests"] == 0
     assert stats["free_blocks"] == stats["total_blocks"]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
-import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from optimum_nvidia_core import LLM, SamplingParams
+from engine_idle import wait_idle
 
 NUM_STREAMS = 1000
 NUM_THREAD_STREAMS = 200  # of NUM_STREAMS, read as sync iterators on worker threads; the rest are astreams
@@ -124,17 +124,6 @@ async def _run_round(llm: LLM, jobs: list[Job]) -> None:
         await asyncio.wait_for(asyncio.gather(*thread_jobs, *async_jobs), ROUND_TIMEOUT_S)
 
 
-def _wait_idle(llm: LLM, timeout: float = 10.0) -> dict:
-    """Aborts are applied by the engine thread between steps: wait until it has caught up."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = llm.stats()
-        if stats["running_requests"] == 0 and stats["free_blocks"] == stats["total_blocks"]:
-            return stats
-        time.sleep(0.02)
-    return llm.stats()
-
-
 def _check_round(llm: LLM, jobs: list[Job]) -> None:
     for job in jobs:
         if job.abort_after is not None:
@@ -144,7 +133,7 @@ def _check_round(llm: LLM, jobs: list[Job]) -> None:
             assert job.token_ids == job.expected, f"job {job.index} differs from its sequential run"
         elif job.finish_reason == "length":
             assert len(job.token_ids) == job.params.max_tokens
-    stats = _wait_idle(llm)
+    stats = wait_idle(llm, timeout=10.0)
     assert stats["running_requests"] == 0
     assert stats["free_blocks"] == stats["total_blocks"], "KV blocks leaked"
     assert stats["errors"] == 0
