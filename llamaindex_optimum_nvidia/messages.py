@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -163,36 +163,37 @@ def completion_response(text: str, delta: RequestOutput, model_name: str) -> Com
     return CompletionResponse(text=text, delta=delta.text, raw=_raw(delta), additional_kwargs=kwargs)
 
 
-def chat_responses(model_name: str, deltas: Iterator[RequestOutput]) -> ChatResponseGen:
+def _responses(deltas: Iterator[RequestOutput], make: Callable, model_name: str) -> Iterator:
+    """One LlamaIndex response per core delta: ``make(text so far, delta, model_name)``."""
     text = ""
     for delta in deltas:
         check_delta(delta)
         text += delta.text
-        yield chat_response(text, delta, model_name)
+        yield make(text, delta, model_name)
 
 
-async def achat_responses(model_name: str, deltas: AsyncIterator[RequestOutput]) -> ChatResponseAsyncGen:
+async def _aresponses(deltas: AsyncIterator[RequestOutput], make: Callable, model_name: str) -> AsyncIterator:
     text = ""
     async for delta in deltas:
         check_delta(delta)
         text += delta.text
-        yield chat_response(text, delta, model_name)
+        yield make(text, delta, model_name)
+
+
+def chat_responses(model_name: str, deltas: Iterator[RequestOutput]) -> ChatResponseGen:
+    return _responses(deltas, chat_response, model_name)
+
+
+def achat_responses(model_name: str, deltas: AsyncIterator[RequestOutput]) -> ChatResponseAsyncGen:
+    return _aresponses(deltas, chat_response, model_name)
 
 
 def completion_responses(model_name: str, deltas: Iterator[RequestOutput]) -> CompletionResponseGen:
-    text = ""
-    for delta in deltas:
-        check_delta(delta)
-        text += delta.text
-        yield completion_response(text, delta, model_name)
+    return _responses(deltas, completion_response, model_name)
 
 
-async def acompletion_responses(model_name: str, deltas: AsyncIterator[RequestOutput]) -> CompletionResponseAsyncGen:
-    text = ""
-    async for delta in deltas:
-        check_delta(delta)
-        text += delta.text
-        yield completion_response(text, delta, model_name)
+def acompletion_responses(model_name: str, deltas: AsyncIterator[RequestOutput]) -> CompletionResponseAsyncGen:
+    return _aresponses(deltas, completion_response, model_name)
 
 
 def _raw(delta: RequestOutput) -> dict[str, Any]:
