@@ -8,15 +8,12 @@ from __future__ import annotations
 import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
+from langchain_capabilities import ChatOptimumNvidiaCapabilities
 from langchain_optimum_nvidia import ChatOptimumNvidia
 from optimum_nvidia_core.hub import DEFAULT_MODEL, resolve_model
 
 
-class TestChatOptimumNvidiaIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatOptimumNvidia]:
-        return ChatOptimumNvidia
-
+class TestChatOptimumNvidiaIntegration(ChatOptimumNvidiaCapabilities, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict:
         # 64 tokens hold a whole JSON joke or tool call from this model. Greedy decoding of a 135M model loops on
@@ -26,28 +23,8 @@ class TestChatOptimumNvidiaIntegration(ChatModelIntegrationTests):
                 "device": "cpu"}
 
     @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
     def supports_anthropic_inputs(self) -> bool:
         # Anthropic-style histories: tool_use / thinking blocks in AI content, Anthropic-format tool dicts.
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
         return True
 
     @property
@@ -82,4 +59,3 @@ class TestChatOptimumNvidiaIntegration(ChatModelIntegrationTests):
         # The same weights under another name (the local directory the default id resolves to): a per-call
         # `model=` override reaches a second engine and is reported as the response's model_name.
         return str(resolve_model(DEFAULT_MODEL))
-
