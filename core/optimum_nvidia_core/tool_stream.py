@@ -20,7 +20,6 @@ class ToolCallStream:
     def __init__(self, source: RequestStream, tools: list[dict[str, Any]], forced: bool = False):
         self.source = source
         self.tools = tools
-        self.forced = forced
         self.text = ""  # everything generated so far
         self.emitted = 0  # chars of self.text already sent as content
         self.holding = forced  # a (possible) tool call started: hold everything from here
@@ -29,25 +28,25 @@ class ToolCallStream:
         if not self.tools:
             return [delta]
         self.text += delta.text
-        if not delta.finished:
-            release = self._releasable()
-            if not release:
-                return []
-            return [dataclasses.replace(delta, text=release)]
-        return [self._finish(delta)]
+        if delta.finished:
+            return [self._finish(delta)]
+        release = self._releasable()
+        return [dataclasses.replace(delta, text=release)] if release else []
 
     def _releasable(self) -> str:
-        if not self.holding:
-            stripped = self.text.lstrip()
-            if stripped.startswith("{") or any(m in self.text[self.emitted:] for m in TOOL_CALL_MARKERS):
-                self.holding = True
+        """Content that can no longer turn out to be part of a tool call."""
         if self.holding:
-            start = min((self.text.find(m, self.emitted) for m in TOOL_CALL_MARKERS if m in self.text[self.emitted:]),
-                        default=self.emitted)
-            release = self.text[self.emitted:start] if not self.text.lstrip().startswith("{") else ""
+            return ""
+        if self.text.lstrip().startswith("{"):  # a bare JSON call (Llama 3 style) may be coming
+            self.holding = True
+            return ""
+        starts = [i for marker in TOOL_CALL_MARKERS if (i := self.text.find(marker, self.emitted)) >= 0]
+        if starts:
+            self.holding = True
+            end = min(starts)
         else:
-            release = self.text[self.emitted:len(self.text) - _marker_prefix_len(self.text)]
-        self.emitted += len(release)
+            end = max(len(self.text) - _marker_prefix_len(self.text), self.emitted)
+        release, self.emitted = self.text[self.emitted:end], end
         return release
 
     def _finish(self, delta: RequestOutput) -> RequestOutput:
