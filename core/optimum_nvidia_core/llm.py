@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 
 from .config import EngineConfig
 from .hub import DEFAULT_MODEL
-from .outputs import RequestOutput
+from .outputs import Completion, RequestOutput
 from .request_stream import EngineError, RequestStream
 from .sampling_params import SamplingParams
 from .tool_stream import ToolCallStream
@@ -158,8 +158,6 @@ def get_llm(model: str = DEFAULT_MODEL, **options: Any) -> LLM:
 
 def collect(deltas: Iterable[RequestOutput]) -> RequestOutput:
     """Fold a stream of deltas into one whole result (all n completions in ``choices``)."""
-    from .outputs import Completion
-
     choices: dict[int, Completion] = {}
     last: RequestOutput | None = None
     for delta in deltas:
