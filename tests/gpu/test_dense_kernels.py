@@ -34,39 +34,70 @@ def make_fp8_case(device, m, n, k, dynamic):
     return x, w_q, w_scale.float(), input_scale, bias
 
 
+def quantize_reference(x, input_scale):
+    """layers.fp8_linear's activation quantization: (e4m3 [M, K], fp32 scale [M, 1])."""
+    if input_scale is None:
+        x_scale = (x.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp(min=1e-12)
+    else:
+        x_scale = input_scale.reshape(1, 1).expand(x.shape[0], 1)
+    return (x.float() / x_scale).clamp(-448, 448).to(FP8), x_scale
+
+
+@pytest.mark.parametrize("m,k", [(1, 4096), (5, 11008), (300, 272)] if not INTERPRET else [(3, 272)])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_quantize_fp8_kernel(device, m, k, dynamic):
+    """Same bytes as the CPU quantization (IEEE division, saturation, round to nearest even), every row written."""
+    from optimum_nvidia_core.kernels import quantize_fp8
+
+    x = torch.randn(m, k, device=device, dtype=DTYPE) * (1 + 3 * torch.rand(m, 1, device=device))
+    x[0, 0] = 1e4  # saturates under the static scale
+    input_scale = None if dynamic else (x[:, 1:].abs().amax().float() / 448).reshape(1)
+    x_q, row_scale = quantize_fp8(x, input_scale)
+    # The reference runs on the CPU, as the CPU path does: torch on CUDA divides by a scalar as a multiplication
+    # by its reciprocal, which can differ from IEEE division in the last bit.
+    ref_q, ref_scale = quantize_reference(x.cpu(), None if dynamic else input_scale.cpu())
+    x_q, row_scale = x_q.cpu(), row_scale.cpu()
+    assert torch.equal(row_scale, ref_scale.reshape(-1))
+    mismatch = (x_q.float() != ref_q.float()).float().mean().item()
+    assert mismatch <= (5e-2 if INTERPRET else 0.0), f"{mismatch:.2%} of the e4m3 values differ"
+
+
+def run_fp8_gemm(x, w_q, w_scale, input_scale, bias, config=None):
+    from optimum_nvidia_core.kernels import fp8_gemm, quantize_fp8
+
+    x_q, row_scale = quantize_fp8(x, input_scale)
+    out = poison(torch.empty(x.shape[0], w_q.shape[0], device=x.device, dtype=DTYPE))
+    fp8_gemm(x_q, row_scale, w_q, w_scale, bias, out_dtype=DTYPE, config=config, out=out)
+    return out
+
+
 @pytest.mark.parametrize("m", [1, 3, 16, 40, 200] if not INTERPRET else [1, 17])
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_fp8_gemm_kernel(device, m, n, k, dynamic):
-    """One Triton kernel per M range (cuBLAS past SMALL_M_MAX), on several real shapes and both scale kinds."""
-    from optimum_nvidia_core.kernels.fp8_gemm import SMALL_M_MAX, candidates, fp8_gemm
+    """The Triton kernel for small M (cuBLAS past SMALL_M_MAX), on several real shapes and both scale kinds."""
+    from optimum_nvidia_core.kernels.fp8_gemm import SMALL_M_MAX, candidates
 
     x, w_q, w_scale, input_scale, bias = make_fp8_case(device, m, n, k, dynamic)
-    config = None if m > SMALL_M_MAX else candidates(triton_bucket(m))[1]  # the first Triton candidate
-    out = poison(torch.empty(m, n, device=device, dtype=DTYPE))
-    fp8_gemm(x, w_q, w_scale, input_scale, bias, config=config, out=out)
+    config = None if m > SMALL_M_MAX else candidates(m)[1]  # the first Triton candidate
+    out = run_fp8_gemm(x, w_q, w_scale, input_scale, bias, config)
     err = rel_err(out, fp8_reference(x, w_q, w_scale, input_scale, bias))
     assert err < (1e-1 if INTERPRET else 5e-3), f"relative error {err:.2e}"
 
 
 def test_fp8_gemm_tuned_dispatch(device):
-    """The default path: the first call times the candidates and keeps one; later calls reuse it."""
-    from optimum_nvidia_core.kernels.fp8_gemm import fp8_gemm
-
+    """The default path: the first call times the candidates (in a CUDA graph) and keeps one; later calls reuse
+    it, also inside a graph capture."""
     x, w_q, w_scale, input_scale, bias = make_fp8_case(device, 2, 512, 1024, False)
     ref = fp8_reference(x, w_q, w_scale, input_scale, bias)
     for _ in range(2):
-        assert rel_err(fp8_gemm(x, w_q, w_scale, input_scale, bias), ref) < (1e-1 if INTERPRET else 5e-3)
-
-
-def triton_bucket(m: int) -> int:
-    return 1 << (m - 1).bit_length()
+        assert rel_err(run_fp8_gemm(x, w_q, w_scale, input_scale, bias), ref) < (1e-1 if INTERPRET else 5e-3)
 
 
 @pytest.mark.parametrize("m", [1, 3, 40] if not INTERPRET else [1, 5])
 def test_fp8_gemm_every_candidate(device, m):
-    """Every kernel and tile shape the first-call tuner may pick computes the same function."""
-    from optimum_nvidia_core.kernels.fp8_gemm import candidates, fp8_gemm
+    """Every tile shape the first-call tuner may pick (and cuBLAS) computes the same function."""
+    from optimum_nvidia_core.kernels.fp8_gemm import candidates
 
     n, k = (256, 2048) if not INTERPRET else (64, 512)
     x = torch.randn(m, k, device=device, dtype=DTYPE)
@@ -75,12 +106,11 @@ def test_fp8_gemm_every_candidate(device, m):
     bias = torch.randn(n, device=device, dtype=DTYPE)
     ref = fp8_reference(x, w_q, w_scale, None, bias)
     configs = candidates(m)
-    if INTERPRET:  # no cuBLAS, and bf16 tiles are wrong in the interpreter
+    if INTERPRET:  # no cuBLAS in the interpreter
         configs = [c for c in configs if c.kind != "cublas"][::3]
     for config in configs:
-        out = poison(torch.empty(m, n, device=device, dtype=DTYPE))
-        fp8_gemm(x, w_q, w_scale, None, bias, config=config, out=out)
-        assert rel_err(out, ref) < (1e-1 if INTERPRET else 5e-3), config
+        assert rel_err(run_fp8_gemm(x, w_q, w_scale, None, bias, config), ref) < (1e-1 if INTERPRET else 5e-3), \
+            config
 
 
 @pytest.mark.parametrize("rows,hidden", [(1, 4096), (37, 576), (300, 5120)] if not INTERPRET else [(3, 576)])

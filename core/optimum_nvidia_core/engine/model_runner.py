@@ -1,7 +1,8 @@
 """Tensors for one engine step: batch layout, paged KV cache, model forward, logits, sampling.
 
 The CPU path is the reference (plain torch). On CUDA, decode-only steps replay CUDA graphs captured per batch
-bucket (``cuda_graph_runner``); prefill runs eagerly.
+bucket and one sequence's prefill chunk replays a graph captured per token bucket (``cuda_graph_runner``); mixed
+batches run eagerly.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class ModelRunner:
                  max_seq_len: int, eos_token_ids: list[int]):
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.block_size = config.block_size
+        self.max_seq_len = max_seq_len
         self.max_blocks_per_seq = math.ceil(max_seq_len / self.block_size)
         self.eos_token_ids = eos_token_ids
         self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else dtype
@@ -72,7 +74,8 @@ class ModelRunner:
             from .cuda_graph_runner import CudaGraphRunner
         except ImportError:
             return None
-        graphs = CudaGraphRunner(self.model, self.config.max_batch_size, self.max_blocks_per_seq, self.device)
+        graphs = CudaGraphRunner(self.model, self.config.max_batch_size, self.max_blocks_per_seq, self.device,
+                                 max_prefill_tokens=min(self.config.max_num_tokens, self.max_seq_len))
         graphs.capture()
         return graphs
 
@@ -124,7 +127,7 @@ class ModelRunner:
         """Forward + sample. Returns, per scheduled sequence, the sampled token (None while its prefill is
         unfinished, -1 when its logits were not finite) and its top log-probabilities when asked for."""
         input_ids, positions, attn = self.prepare(batch)
-        if self.graphs is not None and attn.is_decode_only and self.graphs.fits(attn.num_seqs):
+        if self.graphs is not None and self.graphs.can_replay(attn):
             hidden = self.graphs.run(input_ids, positions, attn)
         else:
             hidden = self.model(input_ids, positions, attn)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import cuda_kernels
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 # Smallest scale we allow: keeps an all-zero row or tensor from dividing by zero.
 MIN_SCALE = 1e-12
-
-_fp8_gemm_kernel = None  # set on first CUDA call: the kernels' fp8_gemm, or False when it is not there
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -34,18 +34,6 @@ def quantize_weight(weight: torch.Tensor, per_channel: bool = True) -> tuple[tor
     """weight [out, in] -> (e4m3 weight [out, in], fp32 scale [out] per channel or [1] per tensor)."""
     scale = absmax_scale(weight, dim=1) if per_channel else absmax_scale(weight).reshape(1, 1)
     return quantize_fp8(weight, scale), scale.reshape(-1)
-
-
-def _gpu_kernel():
-    """optimum_nvidia_core.kernels.fp8_gemm when the GPU kernels are installed, else None (looked up once)."""
-    global _fp8_gemm_kernel
-    if _fp8_gemm_kernel is None:
-        try:
-            from optimum_nvidia_core.kernels import fp8_gemm
-        except ImportError:
-            fp8_gemm = False
-        _fp8_gemm_kernel = fp8_gemm
-    return _fp8_gemm_kernel or None
 
 
 class Fp8Linear(nn.Module):
@@ -108,18 +96,12 @@ class Fp8Linear(nn.Module):
         """x [..., in] (compute dtype) -> [..., out] in x's dtype."""
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)  # [T, in]
-        if x.is_cuda:
-            # --- Kernel dispatch point (GPU engineer): kernels.fp8_gemm(x [T,in], weight e4m3 [out,in],
-            # weight_scale fp32 [out]|[1], input_scale fp32 [1] | None (dynamic per token), bias [out] | None)
-            # -> [T, out] in x's dtype, with the numerics of _reference_forward below.
-            kernel = _gpu_kernel()
-            if kernel is not None:
-                out = kernel(x2d.contiguous(), self.weight, self.weight_scale, self.input_scale, self.bias)
-                return out.reshape(*shape[:-1], self.out_features)
-        x_q, x_scale = self.quantize_input(x2d)
-        if x.is_cuda and self.in_features % 16 == 0 and self.out_features % 16 == 0:
-            out = self._scaled_mm_forward(x_q, x_scale, x.dtype)
+        kernels = cuda_kernels() if x.is_cuda else None
+        if kernels is not None:  # same numerics: x quantized once (e4m3 + fp32 scale per row), then the GEMM
+            x_q, row_scale = kernels.quantize_fp8(x2d.contiguous(), self.input_scale)
+            out = kernels.fp8_gemm(x_q, row_scale, self.weight, self.weight_scale, self.bias, out_dtype=x.dtype)
         else:
+            x_q, x_scale = self.quantize_input(x2d)
             out = self._reference_forward(x_q, x_scale, x.dtype)
         return out.reshape(*shape[:-1], self.out_features)
 
@@ -139,18 +121,3 @@ class Fp8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias.float()
         return out.to(out_dtype)
-
-    def _scaled_mm_forward(self, x_q: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        weight_t = self.weight.t()  # column-major [in, out], as cuBLAS wants
-        if x_scale.numel() == 1 and self.weight_scale.numel() == 1:
-            out = torch._scaled_mm(x_q, weight_t, scale_a=x_scale.reshape(()), scale_b=self.weight_scale.reshape(()),
-                                   out_dtype=out_dtype)
-        else:
-            # Row-wise scaling wants [T, 1] and [1, out] fp32 scales and a bf16 output.
-            scale_a = x_scale.expand(x_q.shape[0], 1).contiguous()
-            scale_b = self.weight_scale.reshape(1, -1).expand(1, self.out_features).contiguous()
-            out = torch._scaled_mm(x_q, weight_t, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
-            out = out.to(out_dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(out_dtype)
-        return out
