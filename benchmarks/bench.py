@@ -98,10 +98,12 @@ def start_llm(ckpt: Path, options: dict):
     return llm, time.perf_counter() - begin
 
 
-def bench_ours(ckpt: Path, name: str, vocab: int, rng: random.Random, long: bool) -> dict:
+def bench_ours(ckpt: Path, name: str, vocab: int, rng: random.Random, long: bool, weight_rounding: str) -> dict:
     from optimum_nvidia_core import SamplingParams
 
-    options = CONFIGS[name]
+    options = dict(CONFIGS[name])
+    if options.get("use_fp8"):
+        options["weight_rounding"] = weight_rounding
     free_gpu()
     torch.cuda.reset_peak_memory_stats()
     result = {}
@@ -172,6 +174,8 @@ def main() -> None:
     parser.add_argument("--runs", default="llama-2-7b:transformers+bf16+fp8+fp8kv,llama-3-8b:bf16+fp8kv",
                         help="shape:engine+engine,... with engines from transformers, " + ", ".join(CONFIGS))
     parser.add_argument("--long", action="store_true", help="add 1000 in / 1000 out at 64 concurrent")
+    parser.add_argument("--weight-rounding", default="gptq", choices=("gptq", "nearest"),
+                        help="FP8 weight rounding of the engines built here (speed is the same; GPTQ builds slower)")
     parser.add_argument("--work-dir", default="/tmp/onv_bench")
     parser.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
@@ -184,7 +188,7 @@ def main() -> None:
     result = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
               "versions": {"torch": torch.__version__, "triton": triton.__version__,
                            "transformers": transformers.__version__},
-              "ceilings": ceilings(), "models": {}}
+              "ceilings": ceilings(), "weight_rounding": args.weight_rounding, "models": {}}
     print(result, flush=True)
     stem = f"{result['date']}-{result['gpu'].replace(' ', '_')}"
     for run in args.runs.split(","):
@@ -198,7 +202,7 @@ def main() -> None:
                 if name == "transformers":
                     entry[name] = bench_transformers(ckpt, vocab, rng, args.long)
                 else:
-                    entry[name] = bench_ours(ckpt, name, vocab, rng, args.long)
+                    entry[name] = bench_ours(ckpt, name, vocab, rng, args.long, args.weight_rounding)
                     entry[name]["roofline_tok_s_bs1"] = roofline(shape, name, result["ceilings"]["read_TBps"], 256)
                     entry[name]["roofline_pct_bs1"] = 100 * entry[name]["decode_tok_s_bs1"] / \
                         entry[name]["roofline_tok_s_bs1"]

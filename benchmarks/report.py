@@ -49,14 +49,16 @@ def write_report(result: dict, path: Path) -> None:
                 if not row or "error" in row:
                     continue
                 get = lambda d, k: d.get(k, d.get(str(k)))  # noqa: E731
-                ratios = [f"decode bs1 x{row['decode_tok_s_bs1'] / base['decode_tok_s_bs1']:.1f}",
-                          f"TTFT 512 x{get(base['ttft_ms'], 512) / get(row['ttft_ms'], 512):.1f} faster"]
+                ratios = [f"decode bs1 x{row['decode_tok_s_bs1'] / base['decode_tok_s_bs1']:.1f}"]
+                ratios += [f"TTFT {n} x{get(base['ttft_ms'], n) / get(row['ttft_ms'], n):.1f} faster"
+                           for n in (128, 512, 2048)]
                 for n in (1, 8, 64, 256):
                     ratios.append(f"@{n} x{get(row['throughput'], n)['output_tok_s'] / get(base['throughput'], n)['output_tok_s']:.1f}")
                 lines.append(f"- {NAMES[key]}: " + ", ".join(ratios))
         lines.append("")
     lines += ["Roofline: weight bytes of every linear layer (1 byte/param for FP8, 2 for bf16) + LM head (bf16) + "
               "K/V of 256 context tokens, over the read bandwidth above. 'start s' for FP8 includes the build "
-              "(quantize + calibrate + write); 'cached start s' loads the built engine. Peak memory includes the "
-              "KV-cache pool sized to gpu_memory_utilization.", ""]
+              "(quantize + calibrate + write) with "
+              f"{result.get('weight_rounding', 'gptq')} weight rounding; 'cached start s' loads the built engine. "
+              "Peak memory includes the KV-cache pool sized to gpu_memory_utilization.", ""]
     Path(path).write_text("\n".join(lines))

@@ -71,7 +71,7 @@ def run_fp8_gemm(x, w_q, w_scale, input_scale, bias, config=None):
     return out
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 40, 200] if not INTERPRET else [1, 17])
+@pytest.mark.parametrize("m", [1, 3, 16, 40, 200, 300] if not INTERPRET else [1, 17])
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_fp8_gemm_kernel(device, m, n, k, dynamic):
@@ -94,7 +94,7 @@ def test_fp8_gemm_tuned_dispatch(device):
         assert rel_err(run_fp8_gemm(x, w_q, w_scale, input_scale, bias), ref) < (1e-1 if INTERPRET else 5e-3)
 
 
-@pytest.mark.parametrize("m", [1, 3, 40] if not INTERPRET else [1, 5])
+@pytest.mark.parametrize("m", [1, 3, 40, 150] if not INTERPRET else [1, 5])
 def test_fp8_gemm_every_candidate(device, m):
     """Every tile shape the first-call tuner may pick (and cuBLAS) computes the same function."""
     from optimum_nvidia_core.kernels.fp8_gemm import candidates
@@ -129,6 +129,42 @@ def test_rms_norm_kernel(device, rows, hidden, with_residual):
     assert rel_err(out, ref) < 1e-2
     if with_residual:
         assert rel_err(res_out, summed) < 4e-3
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_quantized_output(device, dynamic, with_residual):
+    """Quantizing inside the norm (for the FP8 linear after it) writes the bytes and scales of the norm followed
+    by the separate quantize pass, and the same residual."""
+    from optimum_nvidia_core.kernels import quantize_fp8, rms_norm
+
+    rows, hidden = (37, 4096) if not INTERPRET else (3, 576)
+    x = torch.randn(rows, hidden, device=device, dtype=DTYPE) * (1 + 3 * torch.rand(rows, 1, device=device))
+    residual = torch.randn_like(x) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(DTYPE)
+    input_scale = None if dynamic else torch.tensor([0.004], device=device)
+    plain = rms_norm(x, weight, 1e-5, residual)
+    fused = rms_norm(x, weight, 1e-5, residual, quantize=True, input_scale=input_scale)
+    if with_residual:
+        (plain, plain_residual), (fused, fused_residual) = plain, fused
+        assert torch.equal(fused_residual, plain_residual)
+    ref_q, ref_scale = quantize_fp8(plain, input_scale)
+    assert torch.equal(fused[1], ref_scale)
+    assert torch.equal(fused[0].view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_silu_and_mul_quantized_output(device, dynamic):
+    """Quantizing inside SiLU*mul (for the FP8 down projection) matches SiLU*mul then the quantize pass."""
+    from optimum_nvidia_core.kernels import quantize_fp8, silu_and_mul
+
+    rows, inter = (19, 11008) if not INTERPRET else (3, 1536)
+    x = torch.randn(rows, 2 * inter, device=device, dtype=DTYPE) * 3
+    input_scale = None if dynamic else torch.tensor([0.05], device=device)
+    ref_q, ref_scale = quantize_fp8(silu_and_mul(x), input_scale)
+    fused_q, fused_scale = silu_and_mul(x, quantize=True, input_scale=input_scale)
+    assert torch.equal(fused_scale, ref_scale)
+    assert torch.equal(fused_q.view(torch.uint8), ref_q.view(torch.uint8))
 
 
 @pytest.mark.parametrize("rows,inter", [(1, 11008), (19, 1536), (256, 14336)] if not INTERPRET else [(3, 1536)])

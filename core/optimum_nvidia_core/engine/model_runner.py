@@ -34,6 +34,8 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.sampler = Sampler()
         self.fault_hook = None  # tests: fn(logits [R, V], seqs [R]) -> None, may poison rows
+        if device.type == "cuda" and hasattr(model, "fuse_fp8_input_quantization"):
+            model.fuse_fp8_input_quantization()
         self.graphs = self._maybe_graphs()
 
     # ---- set-up ----------------------------------------------------------------------------------------

@@ -3,13 +3,13 @@
 The input arrives quantized (kernels.fp8_quant: e4m3 [M, K] plus an fp32 scale per row). e4m3 x e4m3 products
 are exact in fp32 and both paths accumulate in fp32, so results differ from the CPU reference only by summation
 order.
-  * M <= 64 (decode): memory-bound on the weights. A Triton kernel streams [BLOCK_N, BLOCK_K] weight tiles in
+  * M <= 256 (decode, short prefill chunks): memory-bound on the weights up to M ~ 128 on an H100. A Triton kernel streams [BLOCK_N, BLOCK_K] weight tiles in
     their natural K-contiguous layout through the tensor cores (tl.dot on a [BLOCK_M, BLOCK_K] x tile padded to
     at least 16 rows), optionally split along K into an fp32 buffer that a second kernel adds up (deterministic,
     no atomics). On an H100 this moves 2.2-2.65 TB/s of weights on the large 7B/8B decode shapes, above cuBLAS
     FP8 (benchmarks/NOTES.md). Which tile wins depends on the card and the shape, so the first call of each
-    (shape, BLOCK_M) times the candidates and cuBLAS inside a CUDA graph and keeps the fastest (`choose`).
-  * M > 64 (prefill, large batches): compute-bound; cuBLAS `torch._scaled_mm` with row-wise scales.
+    (shape, M bucket) times the candidates and cuBLAS inside a CUDA graph and keeps the fastest (`choose`).
+  * M > 256 (prefill): compute-bound; cuBLAS `torch._scaled_mm` with row-wise scales.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-SMALL_M_MAX = 64  # above this many rows, cuBLAS (_scaled_mm) is faster than the Triton kernel
+SMALL_M_MAX = 256  # above this many rows cuBLAS (_scaled_mm) is used untimed; up to it, the tuner decides
 
 
 class GemmConfig(NamedTuple):
@@ -32,7 +32,7 @@ class GemmConfig(NamedTuple):
     num_stages: int = 3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M changes every step: no recompile per divisibility of M
 def _fp8_gemm_kernel(
     x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -70,7 +70,7 @@ def _fp8_gemm_kernel(
         tl.store(out_ptr + pid_k * M * N + offsets, out, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _split_k_reduce_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om,
                            HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(1)
@@ -91,17 +91,23 @@ _TILES = {
          (64, 128, 1, 4, 4), (128, 256, 1, 4, 3), (32, 256, 2, 4, 4), (64, 128, 4, 4, 4)),
     64: ((32, 256, 1, 4, 3), (32, 256, 1, 4, 4), (64, 256, 1, 8, 4), (64, 128, 1, 8, 3), (64, 256, 1, 4, 3),
          (128, 128, 1, 8, 3), (32, 256, 2, 4, 3), (64, 128, 2, 8, 3)),
+    128: ((64, 128, 1, 8, 3), (128, 128, 1, 8, 3), (128, 128, 1, 8, 4), (64, 256, 1, 8, 3), (64, 128, 1, 4, 4)),
 }
 
 
+def m_bucket(m: int) -> int:
+    """Rows are timed per bucket: 16 (M <= 16), then powers of two."""
+    return max(16, triton.next_power_of_2(m))
+
+
 def block_m_for(m: int) -> int:
-    return 16 if m <= 16 else (32 if m <= 32 else 64)
+    return min(m_bucket(m), 128)
 
 
 def candidates(m: int) -> list[GemmConfig]:
     """cuBLAS and the Triton tiles worth timing for M rows (M <= SMALL_M_MAX)."""
     block_m = block_m_for(m)
-    tiles = _TILES[16 if block_m == 16 else 64]
+    tiles = _TILES[16 if block_m == 16 else (64 if block_m <= 64 else 128)]
     return [GemmConfig("cublas")] + [GemmConfig("dot", block_m, *tile) for tile in tiles]
 
 
@@ -109,10 +115,9 @@ _CHOSEN: dict[tuple, GemmConfig] = {}
 
 
 def choose(x_q, x_scale, weight, weight_scale, bias, out_dtype) -> GemmConfig:
-    """The fastest candidate for this (shape, BLOCK_M, options), timed once on the first call. Inside a CUDA
+    """The fastest candidate for this (shape, M bucket, options), timed once on the first call. Inside a CUDA
     graph capture nothing can be timed: an untimed shape then takes the first Triton tile."""
-    block_m = block_m_for(x_q.shape[0])
-    key = (block_m, *weight.shape, weight_scale.numel() > 1, bias is not None, out_dtype, x_q.device)
+    key = (m_bucket(x_q.shape[0]), *weight.shape, weight_scale.numel() > 1, bias is not None, out_dtype, x_q.device)
     if key in _CHOSEN:
         return _CHOSEN[key]
     if torch.cuda.is_current_stream_capturing():

@@ -2,7 +2,8 @@
 
 Cache layout (per layer, K and V alike): [num_blocks, block_size, num_kv_heads, head_dim], contiguous, in the
 compute dtype or float8_e4m3fn. An FP8 cache stores x / scale; the kernels multiply the scale back on the fp32
-scores (K) and on the fp32 output (V), so the bf16 and FP8 caches share one code path.
+scores (K) and on the fp32 output (V), so the bf16 and FP8 caches share one code path (`_load_kv_tile`; an FP8
+cache is computed on in fp16, see `_compute_dtype`).
 
 Decode (every sequence has one query token) is memory-bound: one program per (sequence, KV head, partition of
 128-512 context tokens, see partition_size) reads that slice of K and V once for all query heads of the group (GQA), and a
@@ -60,12 +61,25 @@ def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 @triton.jit
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, tokens, valid, kv_head, dims, NUM_KV_HEADS: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr):
+    """K and V [len(tokens), HEAD_DIM] of one KV head, gathered through the block table, in the compute dtype."""
+    block = tl.load(table_ptr + tokens // BLOCK_SIZE, mask=valid, other=0)
+    slots = block.to(tl.int64) * BLOCK_SIZE + tokens % BLOCK_SIZE
+    offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
+    k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(COMPUTE)
+    v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(COMPUTE)
+    return k, v
+
+
+@triton.jit
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, context_lens_ptr,
     qk_scale, sliding_window, stride_qs, stride_qh, stride_os, stride_oh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, NUM_PARTITIONS: tl.constexpr,
+    COMPUTE: tl.constexpr,
 ):
     seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(context_lens_ptr + seq)
@@ -78,7 +92,7 @@ def _decode_kernel(
     heads = kv_head * GROUP + rows
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + dims[None, :],
-                mask=rows[:, None] < GROUP, other=0.0)  # [GROUP_PAD, D]
+                mask=rows[:, None] < GROUP, other=0.0).to(COMPUTE)  # [GROUP_PAD, D]
     scale = qk_scale * tl.load(k_scale_ptr)  # softmax scale * K scale * log2(e): scores in the exp2 domain
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -86,18 +100,15 @@ def _decode_kernel(
     for start in range(lo, hi, BLOCK_N):
         tokens = start + tl.arange(0, BLOCK_N)
         valid = tokens < hi
-        block = tl.load(block_tables_ptr + seq * stride_bt + tokens // BLOCK_SIZE, mask=valid, other=0)
-        slots = block.to(tl.int64) * BLOCK_SIZE + tokens % BLOCK_SIZE
-        offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]  # [BLOCK_N, D]
-        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
-        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, tokens, valid, kv_head,
+                             dims, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, COMPUTE)  # [BLOCK_N, D] each
         s = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE), v)
         m_i = m_new
     acc = acc * tl.load(v_scale_ptr)
     row_mask = rows[:, None] < GROUP
@@ -142,7 +153,7 @@ def _prefill_kernel(
     block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
     qk_scale, sliding_window, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     seq, m_block, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -156,7 +167,7 @@ def _prefill_kernel(
     q_pos = ctx - q_len + rows  # absolute position of each query token
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
-                mask=row_valid[:, None], other=0.0)  # [BLOCK_M, D]
+                mask=row_valid[:, None], other=0.0).to(COMPUTE)  # [BLOCK_M, D]
     scale = qk_scale * tl.load(k_scale_ptr)
     hi = ctx - q_len + tl.minimum(m_block * BLOCK_M + BLOCK_M, q_len)  # keys past the last query are masked
     lo = ctx * 0
@@ -168,11 +179,8 @@ def _prefill_kernel(
     for start in range(lo, hi, BLOCK_N):
         tokens = start + tl.arange(0, BLOCK_N)
         valid = tokens < hi
-        block = tl.load(block_tables_ptr + seq * stride_bt + tokens // BLOCK_SIZE, mask=valid, other=0)
-        slots = block.to(tl.int64) * BLOCK_SIZE + tokens % BLOCK_SIZE
-        offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
-        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt, tokens, valid, kv_head,
+                             dims, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, COMPUTE)
         s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
         allowed = valid[None, :] & (tokens[None, :] <= q_pos[:, None])
         if sliding_window > 0:
@@ -183,7 +191,7 @@ def _prefill_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE), v)
         m_i = m_new
     out = acc * tl.load(v_scale_ptr) / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
@@ -209,6 +217,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     qk_scale = softmax_scale * LOG2E
     window = sliding_window or 0
     block_tables = attn.block_tables
+    compute = _compute_dtype(q.dtype, k_cache.dtype)
     if attn.is_decode_only:
         num_seqs = num_tokens
         partition = partition_size(num_seqs, num_kv_heads)
@@ -224,7 +233,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
             NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
             HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=64, PARTITION=partition,
-            NUM_PARTITIONS=num_parts, num_warps=4, num_stages=2,
+            NUM_PARTITIONS=num_parts, COMPUTE=compute, num_warps=4, num_stages=2,
         )
         if num_parts > 1:
             _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -239,7 +248,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out, q, k_cache, v_cache, k_scale, v_scale, block_tables, attn.context_lens, attn.query_start_loc,
         qk_scale, window, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=64, COMPUTE=compute, num_warps=4, num_stages=2,
     )
     return out
 
@@ -249,6 +258,15 @@ def partition_size(num_seqs: int, num_kv_heads: int) -> int:
     few (sequence, KV head) pairs did not beat 512 (8B shape, bs1, 4096 tokens: 77 us vs 27 us per layer), so
     one size for all until a sweep says otherwise."""
     return 512
+
+
+def _compute_dtype(q_dtype: torch.dtype, kv_dtype: torch.dtype):
+    """The dtype of the attention tiles. An e4m3 cache is read as fp16: e4m3 -> fp16 is one native conversion on
+    Hopper (to bf16 it takes three), e4m3 and bf16 queries of normal magnitude (< 65504) are exact in fp16, and
+    fp16 keeps more mantissa bits for the probabilities. Otherwise the query's dtype."""
+    if kv_dtype == torch.float8_e4m3fn or q_dtype == torch.float16:
+        return tl.float16
+    return tl.bfloat16 if q_dtype == torch.bfloat16 else tl.float32
 
 
 def _check_head_dim(head_dim: int) -> None:

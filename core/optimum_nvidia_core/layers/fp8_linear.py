@@ -8,6 +8,9 @@ accumulate in fp32, so CPU and GPU results differ only by summation order.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -34,6 +37,36 @@ def quantize_weight(weight: torch.Tensor, per_channel: bool = True) -> tuple[tor
     """weight [out, in] -> (e4m3 weight [out, in], fp32 scale [out] per channel or [1] per tensor)."""
     scale = absmax_scale(weight, dim=1) if per_channel else absmax_scale(weight).reshape(1, 1)
     return quantize_fp8(weight, scale), scale.reshape(-1)
+
+
+class Fp8Activation(NamedTuple):
+    """An Fp8Linear's input already quantized by the GPU kernel that produced it (norm, SiLU*mul)."""
+
+    data: torch.Tensor  # e4m3 [T, in]
+    row_scale: torch.Tensor  # fp32 [T]
+    dtype: torch.dtype  # the compute dtype: what the linear returns
+
+
+@dataclass
+class FusedQuantization:
+    """Set on a norm / activation whose only consumer is an Fp8Linear (see `link_fused_quantization`): on the
+    GPU its kernel then emits that linear's e4m3 input, one kernel per linear fewer."""
+
+    input_scale: torch.Tensor | None  # the consumer's static scale [1], or None: dynamic per row
+
+    def output(self, out: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> Fp8Activation:
+        return Fp8Activation(out[0], out[1], dtype)
+
+
+def link_fused_quantization(producer: nn.Module, consumer: nn.Module, width: int, dynamic: bool = True) -> None:
+    """Let `producer` (RMSNorm, SiluAndMul) quantize for `consumer` when that is an Fp8Linear and a row of
+    `width` values fits the fused kernels; with ``dynamic=False`` only for a static scale. Otherwise leave it
+    unlinked (the linear quantizes its own input)."""
+    from optimum_nvidia_core.kernels.fp8_quant import MAX_FUSED_WIDTH
+
+    fused = isinstance(consumer, Fp8Linear) and width <= MAX_FUSED_WIDTH
+    fused = fused and (dynamic or consumer.input_scale is not None)
+    producer.fused_quantization = FusedQuantization(consumer.input_scale) if fused else None
 
 
 class Fp8Linear(nn.Module):
@@ -92,8 +125,11 @@ class Fp8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, " \
                f"weight_scale={weight}, activation_scale={activation}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] (compute dtype) -> [..., out] in x's dtype."""
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        """x [..., in] (compute dtype) -> [..., out] in x's dtype; an Fp8Activation [T, in] -> [T, out]."""
+        if isinstance(x, Fp8Activation):
+            return cuda_kernels().fp8_gemm(x.data, x.row_scale, self.weight, self.weight_scale, self.bias,
+                                           out_dtype=x.dtype)
         shape = x.shape
         x2d = x.reshape(-1, self.in_features)  # [T, in]
         kernels = cuda_kernels() if x.is_cuda else None

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from . import cuda_kernels
+from .fp8_linear import FusedQuantization
 
 
 class RMSNorm(nn.Module):
@@ -12,6 +13,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.fused_quantization: FusedQuantization | None = None  # GPU: emit the next FP8 linear's input
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x [T, H] -> normed [T, H]; with `residual`: returns (norm(x + residual), x + residual).
@@ -21,7 +23,7 @@ class RMSNorm(nn.Module):
         if x.is_cuda and x.dim() == 2 and x.stride(1) == 1:  # CUDA dispatch point: one fused kernel
             kernels = cuda_kernels()
             if kernels is not None:
-                return kernels.rms_norm(x, self.weight, self.eps, residual)
+                return self._cuda_forward(kernels, x, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -30,3 +32,12 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * x32.to(input_dtype)
         return out if residual is None else (out, residual)
+
+    def _cuda_forward(self, kernels, x: torch.Tensor, residual: torch.Tensor | None):
+        fused = self.fused_quantization
+        if fused is None:
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        out = kernels.rms_norm(x, self.weight, self.eps, residual, quantize=True, input_scale=fused.input_scale)
+        if residual is None:
+            return fused.output(out, x.dtype)
+        return fused.output(out[0], x.dtype), out[1]
