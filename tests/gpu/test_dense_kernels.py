@@ -59,16 +59,19 @@ def test_quantize_fp8_kernel(device, m, k, dynamic):
     x_q, row_scale = x_q.cpu(), row_scale.cpu()
     assert torch.equal(row_scale, ref_scale.reshape(-1))
     mismatch = (x_q.float() != ref_q.float()).float().mean().item()
-    assert mismatch <= (5e-2 if INTERPRET else 0.0), f"{mismatch:.2%} of the e4m3 values differ"
+    assert mismatch <= (0.1 if INTERPRET else 0.0), f"{mismatch:.2%} of the e4m3 values differ"
 
 
 def run_fp8_gemm(x, w_q, w_scale, input_scale, bias, config=None):
+    """quantize_fp8 then fp8_gemm -> (out [M, N], the float64 product of exactly the inputs the GEMM saw): the
+    quantization itself is checked byte for byte by test_quantize_fp8_kernel."""
     from optimum_nvidia_core.kernels import fp8_gemm, quantize_fp8
 
     x_q, row_scale = quantize_fp8(x, input_scale)
     out = poison(torch.empty(x.shape[0], w_q.shape[0], device=x.device, dtype=DTYPE))
     fp8_gemm(x_q, row_scale, w_q, w_scale, bias, out_dtype=DTYPE, config=config, out=out)
-    return out
+    exact = (x_q.double() @ w_q.double().t()) * (row_scale.double()[:, None] * w_scale.double().reshape(1, -1))
+    return out, exact if bias is None else exact + bias.double()
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 40, 200, 300] if not INTERPRET else [1, 17])
@@ -80,18 +83,19 @@ def test_fp8_gemm_kernel(device, m, n, k, dynamic):
 
     x, w_q, w_scale, input_scale, bias = make_fp8_case(device, m, n, k, dynamic)
     config = None if m > SMALL_M_MAX else candidates(m)[1]  # the first Triton candidate
-    out = run_fp8_gemm(x, w_q, w_scale, input_scale, bias, config)
+    out, exact = run_fp8_gemm(x, w_q, w_scale, input_scale, bias, config)
+    assert rel_err(out, exact) < (1e-1 if INTERPRET else 4e-3)  # bf16 output rounding: ~1e-3
+    # and against the CPU path's numerics as a whole (its scale division may differ by one ulp on CUDA)
     err = rel_err(out, fp8_reference(x, w_q, w_scale, input_scale, bias))
-    assert err < (1e-1 if INTERPRET else 5e-3), f"relative error {err:.2e}"
+    assert err < (1e-1 if INTERPRET else 1e-2), f"relative error {err:.2e}"
 
 
 def test_fp8_gemm_tuned_dispatch(device):
     """The default path: the first call times the candidates (in a CUDA graph) and keeps one; later calls reuse
     it, also inside a graph capture."""
     x, w_q, w_scale, input_scale, bias = make_fp8_case(device, 2, 512, 1024, False)
-    ref = fp8_reference(x, w_q, w_scale, input_scale, bias)
     for _ in range(2):
-        assert rel_err(run_fp8_gemm(x, w_q, w_scale, input_scale, bias), ref) < (1e-1 if INTERPRET else 5e-3)
+        assert rel_err(*run_fp8_gemm(x, w_q, w_scale, input_scale, bias)) < (1e-1 if INTERPRET else 4e-3)
 
 
 @pytest.mark.parametrize("m", [1, 3, 40, 150] if not INTERPRET else [1, 5])
@@ -104,13 +108,11 @@ def test_fp8_gemm_every_candidate(device, m):
     w_q = (torch.randn(n, k, device=device) * 50).clamp(-448, 448).to(FP8)
     w_scale = torch.rand(n, device=device) + 0.01
     bias = torch.randn(n, device=device, dtype=DTYPE)
-    ref = fp8_reference(x, w_q, w_scale, None, bias)
     configs = candidates(m)
     if INTERPRET:  # no cuBLAS in the interpreter
         configs = [c for c in configs if c.kind != "cublas"][::3]
     for config in configs:
-        assert rel_err(run_fp8_gemm(x, w_q, w_scale, None, bias, config), ref) < (1e-1 if INTERPRET else 5e-3), \
-            config
+        assert rel_err(*run_fp8_gemm(x, w_q, w_scale, None, bias, config)) < (1e-1 if INTERPRET else 4e-3), config
 
 
 @pytest.mark.parametrize("rows,hidden", [(1, 4096), (37, 576), (300, 5120)] if not INTERPRET else [(3, 576)])
