@@ -7,8 +7,10 @@ concurrent decoding sequences, and splits each decode step's wall time into phas
   schedule    Scheduler.schedule
   prepare     ModelRunner.prepare (python lists -> input tensors)
   forward     the model forward (tiny here: on a GPU this is the replayed CUDA graph)
-  sample      logits + SamplingBatch.build + Sampler + the .tolist() sync
+  sample      logits + SamplingBatch.build + Sampler + the wait for the tokens (ModelRunner.collect)
   postprocess Scheduler.postprocess + per-token accounting + detokenizer (the rest of step())
+Since the engine pipelines steps, the detokenizer part of ``postprocess`` and ``dispatch`` run while the GPU
+computes the next step; on the CPU nothing overlaps.
   dispatch    RequestStream.put of every delta, read by an asyncio loop in another thread (as the plugins do)
 Everything but ``forward`` is host work that the GPU waits for between steps. One torch thread, so the numbers
 are about Python, not about the 2 shared cores. With ``--device cuda`` the forward is asynchronous: ``forward``
@@ -46,7 +48,7 @@ def make_engine(model_dir: Path, max_batch_size: int, device: str):
 
 
 def write_model(out_dir: Path) -> Path:
-    from tests.conftest import write_tiny_checkpoint, write_tiny_tokenizer
+    from tests.tiny_models import write_tiny_checkpoint, write_tiny_tokenizer
 
     write_tiny_checkpoint(out_dir, "llama3", seed=0)
     write_tiny_tokenizer(out_dir)
@@ -179,18 +181,18 @@ def main() -> None:
 
 
 def _time_runner(runner) -> None:
-    """Accumulate ModelRunner.run's wall time into runner.timed_run_s (prepare + forward + sample)."""
-    run = runner.run
-
-    @functools.wraps(run)
-    def timed(*args, **kwargs):
-        begin = time.perf_counter()
-        try:
-            return run(*args, **kwargs)
-        finally:
-            runner.timed_run_s += time.perf_counter() - begin
+    """Accumulate ModelRunner.launch + collect wall time into runner.timed_run_s (prepare + forward + sample)."""
     runner.timed_run_s = 0.0
-    runner.run = timed
+    for name in ("launch", "collect"):
+        fn = getattr(runner, name)
+
+        def timed(*args, _fn=fn, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                runner.timed_run_s += time.perf_counter() - begin
+        setattr(runner, name, functools.wraps(fn)(timed))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,12 @@
 """The step loop: requests in, one scheduled batch per ``step()``, deltas out. Runs on the engine thread only
-(except ``check_prompt``, which is pure and thread-safe)."""
+(except ``check_prompt``, which is pure and thread-safe).
+
+A step is pipelined with the device: ``step()`` collects the step in flight (the one host sync), decides which
+sequences finish (end of sequence, lengths), launches the next step, and only then detokenizes and builds the
+deltas of the collected one, so that work (and the caller streaming them out) overlaps the device running the
+next step. Tokens whose text decides what comes next (stop strings, output grammars), failures and a request's
+first token are handled before the launch, as before.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +47,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.max_batch_size, config.max_num_tokens, self.block_manager)
         self.requests: dict[str, Request] = {}
+        self._in_flight = None  # (ScheduledBatch, LaunchedStep) queued on the device, collected by the next step()
         self._guided = None
         self._formatter = None
         self.counters = {"requests": 0, "max_running_seqs": 0, "max_batch_tokens": 0, "errors": 0}
@@ -102,7 +110,7 @@ class LLMEngine:
             self.scheduler.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._in_flight is not None
 
     def _matcher(self, params: SamplingParams):
         if self._guided is None:
@@ -113,10 +121,18 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        outputs, deferred = self._collect()
+        if not any(first for first, _ in outputs):  # a first token goes out now: time to first token counts
+            outputs += [(False, o) for o in self._launch()]
+        outputs += [(False, self._emit(*item)) for item in deferred]
+        return [o for _, o in outputs if o is not None]
+
+    def _launch(self) -> list[RequestOutput | None]:
+        """Schedule the next batch and queue it on the device; returns the deltas of requests that failed."""
         batch = self.scheduler.schedule()
         outputs = [self._fail(seq.request_id, seq.error or "the request cannot be scheduled") for seq in batch.failed]
         if not batch.seqs:
-            return [o for o in outputs if o is not None]
+            return outputs
         self.counters["max_running_seqs"] = max(self.counters["max_running_seqs"], len(batch.seqs))
         self.counters["max_batch_tokens"] = max(self.counters["max_batch_tokens"], sum(batch.num_query_tokens))
         allowed, failed = self._grammar_masks(batch)
@@ -126,26 +142,48 @@ class LLMEngine:
             # Blocks they registered for prefix reuse when scheduled will never be computed now.
             self.block_manager.reset_prefix_cache()
             if not batch.seqs:
-                return [o for o in outputs if o is not None]
+                return outputs
         try:
-            tokens, logprobs = self.runner.run(batch, allowed)
+            self._in_flight = (batch, self.runner.launch(batch, allowed))
         except Exception as exc:  # e.g. out of memory on a huge prefill: fail this batch, keep serving
-            logger.exception("model step failed")
-            self.block_manager.reset_prefix_cache()  # blocks registered this step hold no valid KV
-            message = f"the model step failed: {type(exc).__name__}: {exc}"
-            outputs += [self._fail(s.request_id, message) for s in batch.seqs]
-            return [o for o in outputs if o is not None]
+            outputs += self._fail_batch(batch, exc)
+        return outputs
+
+    def _collect(self) -> tuple[list[tuple[bool, RequestOutput | None]], list[tuple]]:
+        """Wait for the step in flight and account its tokens. Returns (deltas built now, each flagged when it
+        carries a request's first token; (request, seq, token, logprobs, finish) whose delta can wait)."""
+        if self._in_flight is None:
+            return [], []
+        batch, launched = self._in_flight
+        self._in_flight = None
+        try:
+            tokens, logprobs = self.runner.collect(launched)
+        except Exception as exc:  # an error the device reports at the sync
+            return [(False, o) for o in self._fail_batch(batch, exc)], []
         self.scheduler.postprocess(batch, tokens)
         now = time.perf_counter()
+        outputs, deferred = [], []
         for seq, token, top in zip(batch.seqs, tokens, logprobs):
-            if token is None or seq.request_id not in self.requests:
+            req = self.requests.get(seq.request_id)
+            if token is None or req is None:
                 continue
             try:
-                outputs.append(self._advance(seq, token, top, now))
+                first = req.metrics.first_token_time is None
+                finish = self._account(req, seq, token, now)
+                if first or req.matchers or req.params.stop:
+                    outputs.append((first, self._emit(req, seq, token, top, finish)))
+                else:
+                    deferred.append((req, seq, token, top, finish))
             except Exception as exc:  # one request's fault fails that request only
                 logger.exception("request %s failed", seq.request_id)
-                outputs.append(self._fail(seq.request_id, f"{type(exc).__name__}: {exc}"))
-        return [o for o in outputs if o is not None]
+                outputs.append((False, self._fail(seq.request_id, f"{type(exc).__name__}: {exc}")))
+        return outputs, deferred
+
+    def _fail_batch(self, batch, exc: Exception) -> list[RequestOutput | None]:
+        logger.error("model step failed", exc_info=exc)
+        self.block_manager.reset_prefix_cache()  # blocks registered this step hold no valid KV
+        message = f"the model step failed: {type(exc).__name__}: {exc}"
+        return [self._fail(s.request_id, message) for s in batch.seqs]
 
     def _grammar_masks(self, batch) -> tuple[dict[int, torch.Tensor], list[tuple[str, str]]]:
         allowed, failed = {}, []
@@ -177,9 +215,9 @@ class LLMEngine:
         others[self.eos_token_ids] = False
         return bool(others.any())
 
-    def _advance(self, seq: Sequence, token: int, top: dict[int, float] | None, now: float) -> RequestOutput | None:
-        """Account one sampled (already appended) token: grammar, stop conditions, text delta."""
-        req = self.requests[seq.request_id]
+    def _account(self, req: Request, seq: Sequence, token: int, now: float) -> str | None:
+        """Count one sampled (already appended) token; the finish reason its id alone decides (end of sequence,
+        lengths, a completed grammar). A finished sequence leaves the scheduler now, before the next launch."""
         if token < 0:
             raise FloatingPointError("the model produced non-finite logits (NaN/inf) for this request")
         if req.metrics.first_token_time is None:
@@ -192,17 +230,30 @@ class LLMEngine:
                 raise ValueError(f"token {token} was rejected by the output grammar")
             if matcher.is_terminated() and finish is None:
                 finish = "stop"
-        detok = req.detokenizers[seq.index]
-        if finish == "stop" and token in self.eos_token_set | set(req.params.stop_token_ids):
-            text = detok.flush()  # the stop token itself is never shown
-        else:
-            text, stop_hit = detok.step([token])
-            if stop_hit:
-                finish = "stop"
-            elif finish is not None:
-                text += detok.flush()
         if finish is not None:
             self.scheduler.finish(seq)
+        return finish
+
+    def _emit(self, req: Request, seq: Sequence, token: int, top: dict[int, float] | None,
+              finish: str | None) -> RequestOutput | None:
+        """The text delta of one accounted token (stop strings end the sequence here)."""
+        if seq.request_id not in self.requests:
+            return None  # aborted (or failed) since the token was accounted
+        try:
+            detok = req.detokenizers[seq.index]
+            if finish == "stop" and token in self.eos_token_set | set(req.params.stop_token_ids):
+                text = detok.flush()  # the stop token itself is never shown
+            else:
+                text, stop_hit = detok.step([token])
+                if stop_hit:
+                    finish = "stop"
+                    self.scheduler.finish(seq)
+                elif finish is not None:
+                    text += detok.flush()
+        except Exception as exc:  # one request's fault fails that request only
+            logger.exception("request %s failed", seq.request_id)
+            return self._fail(seq.request_id, f"{type(exc).__name__}: {exc}")
+        if finish is not None:
             req.num_finished += 1
         out = req.delta(seq, text, [token], finish, top)
         if req.finished:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +18,19 @@ from ..layers.sampler import Sampler, SamplingBatch
 from .scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device: which scheduled rows sample, and their tokens once `done` has fired."""
+
+    num_seqs: int
+    rows: list[int]  # indices (into the batch) of the sequences that sample
+    tokens: torch.Tensor | None = None  # [R] int64 on the host (pinned, filled asynchronously on CUDA)
+    logprobs: list[dict[int, float] | None] | None = None
+    done: torch.cuda.Event | None = None  # CUDA: fires when `tokens` is filled
+
+
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on the CPU
 GPU_ACTIVATION_RESERVE = 2 << 30  # kept free for prefill activations and graphs
 
@@ -133,6 +147,12 @@ class ModelRunner:
             ) -> tuple[list[int | None], list[dict[int, float] | None]]:
         """Forward + sample. Returns, per scheduled sequence, the sampled token (None while its prefill is
         unfinished, -1 when its logits were not finite) and its top log-probabilities when asked for."""
+        return self.collect(self.launch(batch, allowed))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, allowed: dict[int, torch.Tensor] | None = None) -> "LaunchedStep":
+        """Queue the step's forward and sampling on the device and return at once; `collect` waits for it. The
+        engine does the previous step's host work (detokenizing, streaming) while the device runs this one."""
         input_ids, positions, attn = self.prepare(batch)
         if self.graphs is not None and self.graphs.can_replay(attn):
             hidden = self.graphs.run(input_ids, positions, attn)
@@ -140,7 +160,7 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, attn)
         rows = [i for i, s in enumerate(batch.samples) if s]
         if not rows:
-            return [None] * len(batch.seqs), [None] * len(batch.seqs)
+            return LaunchedStep(len(batch.seqs), rows)
         sample_seqs = [batch.seqs[i] for i in rows]
         logits = self.model.compute_logits(self._last_hidden(hidden, attn, rows))  # [R, V] float32
         if self.fault_hook is not None:
@@ -148,13 +168,27 @@ class ModelRunner:
         mask = self._allowed_mask(rows, allowed, logits)
         sampling = SamplingBatch.build(sample_seqs, logits.device, self.eos_token_ids, allowed_mask=mask)
         out = self.sampler(logits, sampling)
-        tokens = torch.where(torch.isfinite(logits).all(dim=-1), out.token_ids, -1).tolist()  # the one host sync
-        sampled: list[int | None] = [None] * len(batch.seqs)
-        top: list[dict[int, float] | None] = [None] * len(batch.seqs)
-        for k, i in enumerate(rows):
-            sampled[i] = tokens[k]
-            if out.logprobs is not None:
-                top[i] = out.logprobs[k]
+        tokens = torch.where(torch.isfinite(logits).all(dim=-1), out.token_ids, -1)  # [R], -1: not finite
+        if tokens.is_cuda:  # copy into pinned memory behind the step; collect() waits on the event
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return LaunchedStep(len(batch.seqs), rows, host, out.logprobs, done)
+        return LaunchedStep(len(batch.seqs), rows, tokens, out.logprobs)
+
+    def collect(self, step: "LaunchedStep") -> tuple[list[int | None], list[dict[int, float] | None]]:
+        """Wait for a launched step (the one host sync of a step) -> (tokens, logprobs) per scheduled sequence."""
+        sampled: list[int | None] = [None] * step.num_seqs
+        top: list[dict[int, float] | None] = [None] * step.num_seqs
+        if not step.rows:
+            return sampled, top
+        if step.done is not None:
+            step.done.synchronize()
+        for k, (i, token) in enumerate(zip(step.rows, step.tokens.tolist())):
+            sampled[i] = token
+            if step.logprobs is not None:
+                top[i] = step.logprobs[k]
         return sampled, top
 
     def _last_hidden(self, hidden: torch.Tensor, attn: AttentionMetadata, rows: list[int]) -> torch.Tensor:
