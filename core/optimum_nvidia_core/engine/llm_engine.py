@@ -121,6 +121,8 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Collect the step in flight, launch the next, then build the deltas that could wait (see the module
+        docstring). Returns the deltas (and failures) to stream."""
         outputs, deferred = self._collect()
         if not any(first for first, _ in outputs):  # a first token goes out now: time to first token counts
             outputs += [(False, o) for o in self._launch()]
