@@ -6,13 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cuda_kernels
-from .fp8_linear import FusedQuantization
+from .fp8_linear import Fp8Activation, FusedQuantization
 
 
 class SiluAndMul(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fused_quantization: FusedQuantization | None = None  # GPU: emit the down projection's FP8 input
+        # GPU: emit the down projection's FP8 input (static scales only; see LlamaForCausalLM.fuse_fp8_...)
+        self.fused_quantization: FusedQuantization | None = None
 
     def forward(self, gate_up: torch.Tensor):
         # gate_up [T, 2 * I] (gate rows first, as the loader fuses them) -> [T, I] (or its Fp8Activation)
@@ -22,7 +23,6 @@ class SiluAndMul(nn.Module):
                 fused = self.fused_quantization
                 if fused is None:
                     return kernels.silu_and_mul(gate_up)
-                out = kernels.silu_and_mul(gate_up, quantize=True, input_scale=fused.input_scale)
-                return fused.output(out, gate_up.dtype)
+                return Fp8Activation(*kernels.silu_and_mul(gate_up, input_scale=fused.input_scale), gate_up.dtype)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up

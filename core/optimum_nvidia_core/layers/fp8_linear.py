@@ -54,9 +54,6 @@ class FusedQuantization:
 
     input_scale: torch.Tensor | None  # the consumer's static scale [1], or None: dynamic per row
 
-    def output(self, out: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> Fp8Activation:
-        return Fp8Activation(out[0], out[1], dtype)
-
 
 def link_fused_quantization(producer: nn.Module, consumer: nn.Module, width: int, dynamic: bool = True) -> None:
     """Let `producer` (RMSNorm, SiluAndMul) quantize for `consumer` when that is an Fp8Linear and a row of

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import cuda_kernels
-from .fp8_linear import FusedQuantization
+from .fp8_linear import Fp8Activation, FusedQuantization
 
 
 class RMSNorm(nn.Module):
@@ -39,5 +39,5 @@ class RMSNorm(nn.Module):
             return kernels.rms_norm(x, self.weight, self.eps, residual)
         out = kernels.rms_norm(x, self.weight, self.eps, residual, quantize=True, input_scale=fused.input_scale)
         if residual is None:
-            return fused.output(out, x.dtype)
-        return fused.output(out[0], x.dtype), out[1]
+            return Fp8Activation(*out, x.dtype)
+        return Fp8Activation(*out[0], x.dtype), out[1]
