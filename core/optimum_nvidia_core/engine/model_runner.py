@@ -143,13 +143,6 @@ class ModelRunner:
         return input_ids, positions_t, attn
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, allowed: dict[int, torch.Tensor] | None = None
-            ) -> tuple[list[int | None], list[dict[int, float] | None]]:
-        """Forward + sample. Returns, per scheduled sequence, the sampled token (None while its prefill is
-        unfinished, -1 when its logits were not finite) and its top log-probabilities when asked for."""
-        return self.collect(self.launch(batch, allowed))
-
-    @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, allowed: dict[int, torch.Tensor] | None = None) -> "LaunchedStep":
         """Queue the step's forward and sampling on the device and return at once; `collect` waits for it. The
         engine does the previous step's host work (detokenizing, streaming) while the device runs this one."""
@@ -178,7 +171,9 @@ class ModelRunner:
         return LaunchedStep(len(batch.seqs), rows, tokens, out.logprobs)
 
     def collect(self, step: "LaunchedStep") -> tuple[list[int | None], list[dict[int, float] | None]]:
-        """Wait for a launched step (the one host sync of a step) -> (tokens, logprobs) per scheduled sequence."""
+        """Wait for a launched step (the one host sync of a step). Returns, per scheduled sequence, the sampled
+        token (None while its prefill is unfinished, -1 when its logits were not finite) and its top
+        log-probabilities when asked for."""
         sampled: list[int | None] = [None] * step.num_seqs
         top: list[dict[int, float] | None] = [None] * step.num_seqs
         if not step.rows:
