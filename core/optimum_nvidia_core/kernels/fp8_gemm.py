@@ -87,8 +87,9 @@ def _split_k_reduce_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om,
     tl.store(out_ptr + row * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-# (block_n, block_k, split_k, num_warps, num_stages): the winners of an H100 sweep over 88 tiles per BLOCK_M
-# (benchmarks/NOTES.md), plus split-K variants for the shapes with few output columns.
+# (block_n, block_k, split_k, num_warps, num_stages). BLOCK_M 16 and 64: the winners of an H100 sweep over 88
+# tiles each (benchmarks/NOTES.md), plus split-K variants for the shapes with few output columns. BLOCK_M 128
+# (65-256 rows) was not swept: a few shared-memory-safe tiles, and the tuner also times cuBLAS for those rows.
 _TILES = {
     16: ((32, 256, 1, 4, 4), (32, 256, 1, 4, 3), (64, 256, 1, 4, 3), (32, 512, 1, 4, 4), (128, 128, 1, 8, 4),
          (64, 128, 1, 4, 4), (128, 256, 1, 4, 3), (32, 256, 2, 4, 4), (64, 128, 4, 4, 4)),
