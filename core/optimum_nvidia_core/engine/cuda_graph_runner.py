@@ -139,31 +139,20 @@ class CudaGraphRunner:
         if width > self.max_blocks_per_seq:
             raise ValueError(f"block table has {width} blocks per sequence but graphs were captured for "
                              f"{self.max_blocks_per_seq}; pass max_blocks_per_seq >= max_seq_len / block_size")
-        if not attn.is_decode_only:
-            return self._run_prefill(input_ids, positions, attn, width)
-        num_seqs = attn.num_seqs
-        batch = self.bucket_for(num_seqs)
-        self.input_ids[:num_seqs].copy_(input_ids, non_blocking=True)
-        self.positions[:num_seqs].copy_(positions, non_blocking=True)
-        self.slot_mapping[:num_seqs].copy_(attn.slot_mapping, non_blocking=True)
-        self.context_lens[:num_seqs].copy_(attn.context_lens, non_blocking=True)
-        self.block_tables[:num_seqs, :width].copy_(attn.block_tables, non_blocking=True)
-        if batch > num_seqs:  # padding rows: store nothing, attend to nothing
-            self.slot_mapping[num_seqs:batch].fill_(-1)
-            self.context_lens[num_seqs:batch].fill_(0)
-        self.graphs[batch].replay()
-        return self.outputs[batch][:num_seqs]
-
-    def _run_prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                     width: int) -> torch.Tensor:
-        tokens = input_ids.shape[0]
-        bucket = next(b for b in self.prefill_buckets if b >= tokens)
+        tokens, num_seqs = input_ids.shape[0], attn.num_seqs
+        if attn.is_decode_only:  # one token per sequence, padded up to the batch bucket
+            bucket = self.bucket_for(num_seqs)
+            graph, output = self.graphs[bucket], self.outputs[bucket]
+            self.context_lens[num_seqs:bucket].fill_(0)  # padding rows attend to nothing
+        else:  # one sequence's chunk, padded up to the token bucket; its length is read on the device
+            bucket = next(b for b in self.prefill_buckets if b >= tokens)
+            graph, output = self.prefill_graphs[bucket], self.prefill_outputs[bucket]
+            self.prefill_query_start_loc.copy_(attn.query_start_loc, non_blocking=True)
         self.input_ids[:tokens].copy_(input_ids, non_blocking=True)
         self.positions[:tokens].copy_(positions, non_blocking=True)
         self.slot_mapping[:tokens].copy_(attn.slot_mapping, non_blocking=True)
-        self.slot_mapping[tokens:bucket].fill_(-1)  # padding tokens store nothing
-        self.context_lens[:1].copy_(attn.context_lens, non_blocking=True)
-        self.block_tables[:1, :width].copy_(attn.block_tables, non_blocking=True)
-        self.prefill_query_start_loc.copy_(attn.query_start_loc, non_blocking=True)
-        self.prefill_graphs[bucket].replay()
-        return self.prefill_outputs[bucket][:tokens]
+        self.slot_mapping[tokens:bucket].fill_(-1)  # padding rows store nothing
+        self.context_lens[:num_seqs].copy_(attn.context_lens, non_blocking=True)
+        self.block_tables[:num_seqs, :width].copy_(attn.block_tables, non_blocking=True)
+        graph.replay()
+        return output[:tokens]
