@@ -278,6 +278,21 @@ def _release(key: str) -> None:
         worker.shutdown(timeout=5.0)
 
 
+def _forget_parent_engines() -> None:
+    """In a forked child: the parent's engines are the parent's (their sockets and threads did not come along).
+    Drop them here; an LLM handle used in the child starts an engine of its own."""
+    global _registry_lock
+    _registry_lock = threading.RLock()  # another thread of the parent may have held it at the fork
+    with _registry_lock:
+        workers = list(_registry.values())
+        _registry.clear()
+    for worker in workers:
+        worker.shutdown()  # in a child this only closes the child's copy of the socket
+
+
+os.register_at_fork(after_in_child=_forget_parent_engines)
+
+
 @atexit.register
 def _shutdown_all() -> None:
     with _registry_lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -228,6 +229,7 @@ class EngineCore:
         stats["free_blocks"] = self.block_manager.num_free_blocks
         stats["total_blocks"] = self.runner.num_blocks
         stats["running_requests"] = len(self.requests)
+        stats["pid"] = os.getpid()  # the process the core runs in
         return stats
 
     def perplexity(self, token_ids: list[int]) -> float:
