@@ -38,6 +38,9 @@ def test_parser_rejects_unknown_arguments(capsys):
 
 def test_build_info_and_cache_clear(tiny_llama_dir, tmp_path):
     cache = tmp_path / "cache"
+    (cache / "projects").mkdir(parents=True)  # a user's files in the folder $OPTIMUM_NVIDIA_CACHE points at
+    (cache / "my_notes.txt").write_text("mine")
+    (cache / "projects" / "code.py").write_text("print('mine')\n")
     calibration = tmp_path / "calib.txt"
     calibration.write_text("The quick brown fox jumps over the lazy dog.\nParis is the capital of France.\n")
     built = run_cli("build", str(tiny_llama_dir), "--fp8", "--device", "cpu", "--calibration", str(calibration),
@@ -54,8 +57,10 @@ def test_build_info_and_cache_clear(tiny_llama_dir, tmp_path):
     assert "engine" in info.stdout
 
     cleared = run_cli("cache", "clear", cache=cache)
-    assert cleared.returncode == 0 and "Removed 1 cache entries" in cleared.stdout
+    assert cleared.returncode == 0 and "Removed 1 cache entries" in cleared.stdout, cleared.stdout
     assert not list(cache.rglob("manifest.json"))
+    assert (cache / "my_notes.txt").read_text() == "mine" and (cache / "projects" / "code.py").is_file()
+    assert "Left alone 2 path(s) that are not cache entries: my_notes.txt, projects" in cleared.stdout
     assert "(0 entries" in run_cli("info", cache=cache).stdout
 
 
