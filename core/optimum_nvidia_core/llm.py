@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 from .config import EngineConfig
 from .hub import DEFAULT_MODEL
 from .outputs import Completion, RequestOutput
+from .request_checks import prompt_list
 from .request_stream import EngineError, RequestStream
 from .sampling_params import SamplingParams
 from .tool_stream import ToolCallStream
@@ -79,8 +80,7 @@ class LLM:
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """Whole results, one per prompt; all prompts run in one in-flight batch."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        prompts = prompt_list(prompts)
         params_list = _params_per_prompt(params, len(prompts))
         streams = [self._submit(p, sp) for p, sp in zip(prompts, params_list)]
         return [collect(s) for s in streams]

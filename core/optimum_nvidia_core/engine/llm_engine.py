@@ -18,6 +18,7 @@ import torch
 
 from ..config import EngineConfig
 from ..outputs import RequestOutput
+from ..request_checks import as_token_ids, check_kv_room, check_stop_token_ids
 from ..sampling_params import SamplingParams
 from ..text_checks import check_unicode
 from .block_manager import BlockManager
@@ -45,6 +46,8 @@ class LLMEngine:
         self.vocab_size = loaded.vocab_size
         self.runner = ModelRunner(loaded.model, config, self.device, self.dtype, self.max_seq_len, self.eos_token_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        # One sequence can never hold more than the whole cache (a small num_kv_blocks): that is its context.
+        self.max_seq_len = min(self.max_seq_len, self.runner.num_blocks * config.block_size)
         self.scheduler = Scheduler(config.max_batch_size, config.max_num_tokens, self.block_manager)
         self.requests: dict[str, Request] = {}
         self._in_flight = None  # (ScheduledBatch, LaunchedStep) queued on the device, collected by the next step()
@@ -69,6 +72,7 @@ class LLMEngine:
 
     def check_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Token ids for ``prompt``, or a ValueError that names the problem and the fix."""
+        prompt = as_token_ids(prompt)
         if not isinstance(prompt, (str, list, tuple)):
             raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -77,8 +81,10 @@ class LLMEngine:
         bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
         if bad:
             raise ValueError(f"prompt token ids must be ints in [0, {self.vocab_size}); got {bad[:5]}")
+        check_stop_token_ids(params, self.vocab_size)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
+        check_kv_room(len(ids), params, self.runner.num_blocks * self.config.block_size)
         if len(ids) >= self.max_seq_len:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens but max_seq_len is {self.max_seq_len}; shorten it, set "
