@@ -11,6 +11,7 @@ any config (tests, benchmarks of real model shapes), also without transformers m
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -74,8 +75,35 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str,
     """Build our model for `model_dir` and stream its weights onto `device` as `dtype`."""
     config = load_config(model_dir, allow_pickle)
     model = build_model(config, dtype, device)
-    load_weights(model, checkpoint_tensors(Path(model_dir), allow_pickle), total=_count_tensors(Path(model_dir)))
+    try:
+        load_weights(model, checkpoint_tensors(Path(model_dir), allow_pickle), total=_count_tensors(Path(model_dir)))
+    except ValueError as exc:
+        if _has_fused_weights(Path(model_dir), allow_pickle):
+            raise ModelResolutionError(_engine_without_manifest(Path(model_dir))) from exc
+        raise
     return model
+
+
+def _has_fused_weights(model_dir: Path, allow_pickle: bool) -> bool:
+    """Whether the weights use our fused layout (qkv_proj, gate_up_proj): an engine directory's, never a Hugging
+    Face LLaMA-family checkpoint's. Reads only safetensors headers."""
+    from safetensors import safe_open
+
+    fused = {f".{name}." for name, _ in LlamaForCausalLM.packed_modules.values()}
+    for file in _weight_files_in_order(model_dir, allow_pickle):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                if any(part in key for key in reader.keys() for part in fused):
+                    return True
+    return False
+
+
+def _engine_without_manifest(model_dir: Path) -> str:
+    manifest = model_dir / "manifest.json"
+    state = "unreadable (a broken or looping link, or not a file)" if os.path.lexists(manifest) else "missing"
+    return (f"{model_dir} is an engine directory (its weights are in the engine's fused layout) whose manifest.json "
+            f"is {state}, so it cannot be verified and is not loaded. Save or build the engine again "
+            "(LLM(model).save(dir), or `optimum-nvidia build MODEL --output DIR`), or load the original checkpoint")
 
 
 @torch.no_grad()
