@@ -76,7 +76,32 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         if text:
             history.append({"role": "user", "content": text})
-            history.append({"role": "assistant", "content": _stream_answer(llm, system + history, params, args)})
+            _chat_turn(llm, system, history, params, args)
+
+
+def _chat_turn(llm: Any, system: list[dict], history: list[dict], params: Any, args: argparse.Namespace) -> None:
+    """Answer the last user message of ``history`` and append the answer. While the conversation does not fit the
+    context, the oldest turn is dropped (with a notice); a message that does not fit alone, or that the model
+    refuses, is reported and left out. Either way the chat goes on."""
+    from .request_checks import ContextLengthError
+
+    while True:
+        try:
+            answer = _stream_answer(llm, system + history, params, args)
+        except ContextLengthError as error:
+            if len(history) > 2:  # an older (user, assistant) turn to give up
+                del history[:2]
+                print("(the conversation outgrew the context: dropped the oldest turn)", file=sys.stderr, flush=True)
+                continue
+            history.pop()
+            print(f"error: {error}. That message was not sent: send a shorter one", file=sys.stderr, flush=True)
+            return
+        except ValueError as error:  # nothing was generated (e.g. invalid text): the conversation stays as it was
+            history.pop()
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return
+        history.append({"role": "assistant", "content": answer})
+        return
 
 
 def _stream_answer(llm: Any, messages: list[dict], params: Any, args: argparse.Namespace) -> str:

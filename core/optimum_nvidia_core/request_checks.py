@@ -11,6 +11,11 @@ from typing import Any
 from .sampling_params import SamplingParams
 
 
+class ContextLengthError(ValueError):
+    """The prompt, or the prompt plus max_tokens, does not fit the model's context (max_seq_len) or its KV cache.
+    A ValueError; its own type so that a chat can drop old turns and try again (OpenAI: context_length_exceeded)."""
+
+
 def as_token_ids(prompt: Any) -> Any:
     """A token-id prompt as a list of Python ints (numpy / torch arrays and numpy integers accepted); text and
     values of other types come back unchanged, for the prompt check to name."""
@@ -55,7 +60,7 @@ def check_kv_room(num_prompt_tokens: int, params: SamplingParams, kv_cache_token
     if wanted > kv_cache_tokens:
         asked = f"max_tokens={params.max_tokens}" if params.max_tokens else "at least one new token"
         room = max(kv_cache_tokens - num_prompt_tokens, 0)
-        raise ValueError(
+        raise ContextLengthError(
             f"{asked} does not fit in the KV cache: it holds {kv_cache_tokens} tokens and the prompt has "
             f"{num_prompt_tokens}, leaving room for {room}; lower max_tokens, shorten the prompt, or build the "
             "engine with more KV-cache blocks (num_kv_blocks, or more GPU memory)")

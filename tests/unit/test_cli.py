@@ -116,3 +116,21 @@ def test_errors_are_one_line_with_the_fix(tmp_path):
     assert missing.returncode == 1
     assert missing.stderr.strip().startswith("error:") and "Traceback" not in missing.stderr
     assert "does not exist" in missing.stderr
+
+
+def test_chat_survives_an_over_long_line_and_a_conversation_that_outgrows_the_context(tiny_llama_dir, tmp_path):
+    """Issue 15, item 13: the tiny model's context is 512 tokens. A line longer than that is refused with a
+    message and the chat goes on; a conversation that outgrows the context drops its oldest turns, with a notice."""
+    long_line = "The quick brown fox jumps over the lazy dog. " * 80  # ~900 tokens
+    turn = "Paris is the capital of France; Berlin is the capital of Germany. " * 6  # ~150 tokens
+    turns = [long_line, "The quick brown fox"] + [turn] * 6 + ["/exit"]
+    chat = run_cli("chat", str(tiny_llama_dir), "--device", "cpu", "--temperature", "0", "--max-new-tokens", "4",
+                   "-v", cache=tmp_path, stdin="\n".join(turns) + "\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "Traceback" not in chat.stderr
+    assert re.search(r"error: the prompt has \d+ tokens but max_seq_len is 512.*That message was not sent: send a "
+                     r"shorter one", chat.stderr), chat.stderr
+    prompts = [int(m) for m in re.findall(r"\[(\d+) prompt tokens, \d+ new tokens", chat.stderr)]
+    assert len(prompts) == 7, chat.stderr  # every line but the over-long one got an answer
+    assert "(the conversation outgrew the context: dropped the oldest turn)" in chat.stderr
+    assert max(prompts) + 4 <= 512 and prompts[-1] < max(prompts)  # dropping made room, the chat went on

@@ -18,7 +18,7 @@ import torch
 
 from ..config import EngineConfig
 from ..outputs import RequestOutput
-from ..request_checks import as_token_ids, check_kv_room, check_stop_token_ids
+from ..request_checks import ContextLengthError, as_token_ids, check_kv_room, check_stop_token_ids
 from ..sampling_params import SamplingParams
 from ..text_checks import check_unicode
 from .block_manager import BlockManager
@@ -86,7 +86,7 @@ class LLMEngine:
             ids = ids[-params.truncate_prompt_tokens:]
         check_kv_room(len(ids), params, self.runner.num_blocks * self.config.block_size)
         if len(ids) >= self.max_seq_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"the prompt has {len(ids)} tokens but max_seq_len is {self.max_seq_len}; shorten it, set "
                 "SamplingParams(truncate_prompt_tokens=N) to keep the last N tokens, or build with a larger "
                 "max_seq_len")
@@ -96,7 +96,7 @@ class LLMEngine:
             check_json_schema(params.guided_json, "guided_json")
         room = self.max_seq_len - len(ids)
         if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(
+            raise ContextLengthError(
                 f"max_tokens={params.max_tokens} does not fit: the prompt has {len(ids)} tokens and max_seq_len is "
                 f"{self.max_seq_len}, leaving room for {room}; lower max_tokens or pass max_tokens=None")
         return ids
