@@ -77,6 +77,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str,
     model = build_model(config, dtype, device)
     try:
         load_weights(model, checkpoint_tensors(Path(model_dir), allow_pickle), total=_count_tensors(Path(model_dir)))
+    except ModelResolutionError:
+        raise  # already says what is wrong with which file
     except ValueError as exc:
         if _has_fused_weights(Path(model_dir), allow_pickle):
             raise ModelResolutionError(_engine_without_manifest(Path(model_dir))) from exc
