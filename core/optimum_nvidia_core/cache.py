@@ -48,7 +48,8 @@ def foreign_paths(root: Path | None = None) -> list[Path]:
     """What else is under ``root`` (top level, and inside engines/ and models/): files this package did not write."""
     root = project_cache_dir() if root is None else Path(root)
     ours = {e.path for e in cache_entries(root)} | {root / ENGINES, root / MODELS}
-    candidates = _children(root if root.is_dir() else None) + _children(_real_dir(root / ENGINES)) + _children(_real_dir(root / MODELS))
+    top = _children(root if root.is_dir() else None)  # the root itself may be a link the user made
+    candidates = top + _children(_real_dir(root / ENGINES)) + _children(_real_dir(root / MODELS))
     return [p for p in candidates if p not in ours and not _is_lock_file(p)]
 
 

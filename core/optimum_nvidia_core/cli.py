@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", help="manage the engine/model cache", description=cmd_cache.__doc__)
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    cache_commands.add_parser("clear", help="delete every cache entry (never other files)", description=cmd_cache.__doc__)
+    cache_commands.add_parser("clear", help="delete every cache entry (never other files)",
+                              description=cmd_cache.__doc__)
     return parser
 
 
