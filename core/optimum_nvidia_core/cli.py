@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .hub import DEFAULT_MODEL, project_cache_dir
+from .cache_dir import cache_root
+from .hub import DEFAULT_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # core/optimum_nvidia_core/cli.py -> the source checkout
 BENCH_SCRIPT = REPO_ROOT / "benchmarks" / "bench.py"
@@ -152,7 +153,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         fp8 = "supported" if (major, minor) >= (8, 9) else "not supported (needs compute capability 8.9+)"
         print(f"GPU {index}: {props.name}, compute capability {major}.{minor}, "
               f"{props.total_memory / 2**30:.1f} GiB; FP8: {fp8}")
-    root = project_cache_dir()
+    root = cache_root()
     entries = cache_entries(root)
     total = sum(size for _, _, size in entries)
     print(f"Cache: {root} ({len(entries)} entries, {human_size(total)})")
@@ -163,7 +164,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """``cache clear``: delete every entry (engines, converted models, stale temporaries) under the cache root."""
-    root = project_cache_dir()
+    root = cache_root()
     entries = cache_entries(root)
     total = sum(size for _, _, size in entries)
     if root.is_dir():
