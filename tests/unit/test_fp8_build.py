@@ -15,7 +15,8 @@ from optimum_nvidia_core.build.calibration import (
 from optimum_nvidia_core.build.calibration_text import CALIBRATION_TEXTS
 from optimum_nvidia_core.build.scratch_prefill import prefill
 from optimum_nvidia_core.config import EngineConfig
-from optimum_nvidia_core.layers.fp8_linear import FP8_DTYPE, Fp8Linear
+from optimum_nvidia_core.e4m3 import FP8_DTYPE
+from optimum_nvidia_core.layers.fp8_linear import Fp8Linear
 from optimum_nvidia_core.layers.linear import Linear
 from optimum_nvidia_core.models.loader import load_model, write_random_checkpoint
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from optimum_nvidia_core.layers.fp8_linear import absmax_scale, quantize_fp8
+from optimum_nvidia_core.e4m3 import absmax_scale, quantize_fp8
 
 BLOCK = 64  # columns rounded together before their error reaches the rest through one matmul
 DAMPINGS = (0.01, 0.1, 1.0)  # fractions of the mean Hessian diagonal added to it, tried in turn until Cholesky works
