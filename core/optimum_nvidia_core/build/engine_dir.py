@@ -1,4 +1,4 @@
-"""Engine directories: manifest, cache key, checksums, atomic write, and build-once under a file lock.
+"""Engine directories: manifest, cache key, checksums, atomic write (build/engine_cache.py builds them once).
 
 An engine directory holds quantized weights (safetensors), scales, tokenizer files, config.json and manifest.json.
 The manifest's ``identity`` (format version, source weights, device, versions, recipe, calibration data hash)
@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from optimum_nvidia_core import cache_dir
 
@@ -27,16 +26,9 @@ _HASH_CHUNK = 16 << 20
 # Engine dirs verified by this process, keyed by path -> manifest (mtime_ns, size): skips hashing twice in a row.
 _verified: dict[str, tuple[int, int]] = {}
 
-logger = logging.getLogger(__name__)
-
 
 class EngineDirError(RuntimeError):
     """An engine directory is missing, partial, corrupted or was built for something else."""
-
-
-def engine_cache_root() -> Path:
-    """<project cache>/engines."""
-    return cache_dir.cache_root() / "engines"
 
 
 def canonical_json(obj: Any) -> str:
@@ -141,30 +133,3 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     cache_dir.publish(tmp_dir, final_dir)
     _verified.pop(str(final_dir.resolve()), None)
     _remember_verified(final_dir)
-
-
-def get_or_build(model_dir: Path, config, build_fn: Callable | None = None, cache_root: Path | None = None) -> Path:
-    """The verified engine dir for (model_dir, config), building it once if needed. Safe across processes.
-
-    ``build_fn(model_dir, config, out_dir)`` writes a complete engine (weights, tokenizer, manifest via
-    ``save_engine``) into ``out_dir``; default ``build_fp8_engine``. The ``config`` it receives has its calibration
-    data already materialized as a list, so an iterator given by the user is read only once.
-    """
-    from optimum_nvidia_core.build.builder import build_fp8_engine, prepare_build
-
-    build_fn = build_fn or build_fp8_engine
-    config, manifest = prepare_build(Path(model_dir), config)
-    key = cache_key(manifest["identity"])
-    root = Path(cache_root) if cache_root is not None else engine_cache_root()
-    final_dir = root / key
-    with cache_dir.build_lock(final_dir):
-        try:
-            verify_engine_dir(final_dir, expected_key=key)
-            return final_dir
-        except EngineDirError as exc:
-            if final_dir.exists():
-                logger.warning("Rebuilding engine cache entry: %s", exc)
-                cache_dir.remove_tree(final_dir)
-        build_fn(Path(model_dir), config, final_dir)
-        verify_engine_dir(final_dir, expected_key=key)
-    return final_dir

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from optimum_nvidia_core import e4m3
-from optimum_nvidia_core.layers.attention_metadata import AttentionMetadata
+from optimum_nvidia_core.attention_metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
 FP8_MAX = tl.constexpr(e4m3.FP8_MAX)  # constexpr so kernels may read it

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention_metadata import AttentionMetadata
 from ..e4m3 import quantize_fp8
 from . import cuda_kernels
-from .attention_metadata import AttentionMetadata
 
 
 class Attention(nn.Module):

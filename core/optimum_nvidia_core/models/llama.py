@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..attention_metadata import AttentionMetadata
 from ..layers.activation import SiluAndMul
 from ..layers.attention import Attention
-from ..layers.attention_metadata import AttentionMetadata
 from ..layers.embedding import LMHead, VocabEmbedding
 from ..layers.fp8_linear import link_fused_quantization
 from ..layers.linear import Linear
