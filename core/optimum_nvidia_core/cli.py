@@ -250,10 +250,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine_location(llm: Any) -> str:
-    location = getattr(llm, "model_dir", None)
-    if location is None:  # older facades: the engine keeps what it loaded
-        location = getattr(getattr(llm.engine, "loaded", None), "model_dir", None)
-    return str(location or llm.config.model)
+    return str(llm.engine.loaded.model_dir)
 
 
 # -------------------------------------------------------------------------------------------------- parser
