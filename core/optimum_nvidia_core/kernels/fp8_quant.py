@@ -4,8 +4,8 @@ x [M, K] (bf16/fp16) -> (e4m3 [M, K], fp32 scale per row [M]). A static scale (c
 dynamic ones (absmax of each row / 448) come out in the same form, so the GEMMs after it take one input format.
 Rounding as e4m3.quantize_fp8: IEEE division (div_rn), saturate to +-448, round to nearest even.
 
-Why before the GEMM: quantizing inside it repeats the division in every program that reads the row, and on an
-H100 that made decode GEMMs 2-10x slower than the same GEMM on a pre-quantized input (benchmarks/NOTES.md).
+Why before the GEMM: quantizing inside it repeats the division in every program that reads the row, which makes
+decode GEMMs several times slower than the same GEMM on a pre-quantized input (benchmarks/NOTES.md).
 Where a norm or SiLU*mul feeds an FP8 linear, their kernels quantize their own output with `quantize_row`
 (no separate pass at all); this kernel serves the other inputs (the attention output before o_proj).
 """
