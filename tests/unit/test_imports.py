@@ -30,3 +30,22 @@ def test_both_llamaindex_import_paths_give_the_same_class():
     from llamaindex_optimum_nvidia import OptimumNvidiaLLM
 
     assert namespaced is OptimumNvidiaLLM
+
+
+def test_three_distributions_each_plugin_on_the_core():
+    """The root pyproject is the core; each plugin's pyproject ships its package(s) from this tree and needs the core."""
+    tomllib = pytest.importorskip("tomllib")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    core = tomllib.loads((root / "pyproject.toml").read_text())["project"]["name"]
+    shipped = {}
+    for project_dir in ("integrations/langchain", "integrations/llamaindex"):
+        project = tomllib.loads((root / project_dir / "pyproject.toml").read_text())
+        assert any(dep.split(">")[0].split("=")[0].strip() == core for dep in project["project"]["dependencies"])
+        for package, path in project["tool"]["setuptools"]["package-dir"].items():
+            assert ((root / project_dir / path).resolve() / "__init__.py").is_file(), package
+            shipped[package] = project["project"]["name"]
+    assert shipped == {"langchain_optimum_nvidia": "langchain-optimum-nvidia",
+                       "llamaindex_optimum_nvidia": "llama-index-llms-optimum-nvidia",
+                       "llama_index.llms.optimum_nvidia": "llama-index-llms-optimum-nvidia"}
