@@ -40,7 +40,7 @@ def _sampling_field(name: str) -> tuple[Any, FieldInfo]:
     model's fields and its traces show only what the user chose."""
     source = SamplingParams.model_fields[name]
     default = source.get_default(call_default_factory=True)
-    description = f"{source.description} None: the default ({default!r})."
+    description = source.description if default is None else f"{source.description} Unset: {default!r}."
     return source.annotation | None, FieldInfo.merge_field_infos(
         source, default=None, default_factory=None, description=description
     )
@@ -143,7 +143,10 @@ class PluginOptions(_CoreOptionFields):
         return SamplingParams(**values)
 
     def _sampling_values(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
+        """The sampling fields that were set. None set explicitly reaches the core where None means something
+        there (max_tokens=None: up to the context window); elsewhere None is the same as unset."""
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS
+                if getattr(self, name) is not None or (name in self.model_fields_set and _core_accepts_none(name))}
 
     # ---- tokenizer -------------------------------------------------------------------------------------
     def tokenizer(self) -> Any:
@@ -155,6 +158,11 @@ class PluginOptions(_CoreOptionFields):
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` with the model's tokenizer (never a download of another tokenizer)."""
         return list(self.tokenizer().encode(text, add_special_tokens=False))
+
+
+def _core_accepts_none(name: str) -> bool:
+    field = SamplingParams.model_fields[name]
+    return field.default is None or type(None) in getattr(field.annotation, "__args__", ())
 
 
 @functools.lru_cache(maxsize=8)

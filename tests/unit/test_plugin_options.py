@@ -57,3 +57,11 @@ def test_the_cores_cross_field_checks_run_at_construction(plugin):
 def test_framework_arguments_are_not_fields(plugin):
     assert "ignored_arguments" not in plugin.model_fields
     assert set(ENGINE_FIELDS) | set(SAMPLING_FIELDS) <= set(plugin.model_fields)
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_unset_fields_take_the_requests_defaults_and_an_explicit_none_keeps_the_cores_meaning(plugin):
+    assert plugin().sampling_params(None, {}).max_tokens == 256
+    assert plugin(max_tokens=None).sampling_params(None, {}).max_tokens is None  # up to the context window
+    assert plugin(temperature=None).sampling_params(None, {}).temperature == 1.0  # None is no value there
+    assert plugin.model_fields["max_tokens"].description.endswith("Unset: 256.")
