@@ -240,7 +240,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine_location(llm: Any) -> str:
-    return str(llm.engine.loaded.model_dir)
+    return str(llm.model_dir)
 
 
 # -------------------------------------------------------------------------------------------------- parser

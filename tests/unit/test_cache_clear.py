@@ -15,7 +15,9 @@ from optimum_nvidia_core.build import get_or_build
 from optimum_nvidia_core.cache import cache_entries
 from optimum_nvidia_core.cli import main
 from optimum_nvidia_core.config import EngineConfig
-from optimum_nvidia_core.hub import atomic_directory_build, converted_default_dir
+from optimum_nvidia_core.cache_dir import build_once
+from optimum_nvidia_core.gguf_conversion import conversion_dir
+from optimum_nvidia_core.hub import DEFAULT_MODEL
 
 
 @pytest.fixture
@@ -33,12 +35,12 @@ def _engine(model_dir: Path) -> Path:
 
 
 def _converted_model() -> Path:
-    """A converted-checkpoint entry where hub.py writes one, with the marker hub.convert_gguf writes."""
+    """A converted-checkpoint entry where gguf_conversion writes one, with its marker."""
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text("{}")
         (tmp / "conversion.json").write_text(json.dumps({"source": "gguf", "conversion_version": 1}))
 
-    return atomic_directory_build(converted_default_dir(), write)
+    return build_once(conversion_dir(DEFAULT_MODEL), write)
 
 
 def _user_files(root: Path, outside: Path) -> list[Path]:
@@ -81,7 +83,7 @@ def test_cache_clear_removes_its_entries_and_nothing_else(tiny_llama_dir, cache,
 
 def test_an_entry_a_running_build_holds_is_kept(tiny_llama_dir, cache, capsys):
     engine = _engine(tiny_llama_dir)
-    with FileLock(str(engine.parent / f"{engine.name}.lock")):  # as get_or_build holds it while building
+    with FileLock(str(engine.parent / f".{engine.name}.lock")):  # as get_or_build holds it while building
         assert main(["cache", "clear"]) == 0
     report = capsys.readouterr().out
     assert "Removed 0 cache entries" in report and f"Skipped {engine}" in report
