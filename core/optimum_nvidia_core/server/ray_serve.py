@@ -41,12 +41,16 @@ class SessionAffinityRouter(RequestRouter):
         key = pending_request.kwargs.get("affinity") if pending_request is not None else None
         if not key or len(candidate_replicas) < 2:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
-        ranked = sorted(candidate_replicas, key=lambda r: _score(key, r.replica_id.unique_id), reverse=True)
-        return [ranked[:1], ranked[1:]]
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ranked = [by_id[i] for i in rank_replicas(key, list(by_id))]
+        return [ranked[:1], ranked[1:]]  # the key's replica first; the others only when it is full
 
 
-def _score(key: str, replica: str) -> bytes:
-    return hashlib.blake2b(f"{key}|{replica}".encode(), digest_size=8).digest()
+def rank_replicas(key: str, replica_ids: list[str]) -> list[str]:
+    """Rendezvous (highest-random-weight) order: adding or removing a replica moves only the keys it wins or
+    held, so the other sessions keep their prefix caches."""
+    score = lambda replica: hashlib.blake2b(f"{key}|{replica}".encode(), digest_size=8).digest()  # noqa: E731
+    return sorted(replica_ids, key=score, reverse=True)
 
 
 def affinity_key(req: Any) -> str:
