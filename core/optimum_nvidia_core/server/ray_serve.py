@@ -117,6 +117,7 @@ class ReplicaPool:
 
     @staticmethod
     async def _relay(items: Any, timer: RequestTimer | None) -> AsyncIterator[dict]:
+        finished = False
         try:
             async for item in items:
                 if timer is not None and item.get("choices"):
@@ -126,8 +127,10 @@ class ReplicaPool:
                     timer.finish(Usage(u["prompt_tokens"], u["completion_tokens"],
                                        u["prompt_tokens_details"]["cached_tokens"]))
                 yield item
+            finished = True
         finally:
-            items.cancel()  # a client that hung up frees its replica's KV blocks too
+            if not finished:
+                items.cancel()  # a client that hung up frees its replica's KV blocks too
 
 
 @serve.deployment(max_ongoing_requests=4 * MAX_ONGOING_REQUESTS)
