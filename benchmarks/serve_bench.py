@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -266,6 +267,7 @@ def main() -> None:
         print("in-process", result["in_process"], flush=True)
         llm.shutdown()
         del llm
+        gc.collect()  # the server process sizes its KV cache from the memory left free here
         if gpu:
             torch.cuda.empty_cache()
         port = free_port()
