@@ -104,3 +104,14 @@ def test_the_core_imports_without_the_server_dependencies():
             "from optimum_nvidia_core import LLM, SamplingParams; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_ray_app_builder_parses_serve_run_arguments():
+    pytest.importorskip("ray")
+    from ray.serve import Application
+
+    from optimum_nvidia_core.server.ray_serve import app_builder
+
+    app = app_builder({"model": "some/model", "replicas": "3", "gpus_per_replica": "0.5", "max_batch_size": "32",
+                       "use_fp8": "true"})
+    assert isinstance(app, Application)
