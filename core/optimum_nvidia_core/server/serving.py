@@ -59,31 +59,36 @@ class OpenAIServing:
             if not req.stream:
                 yield await self._chat_response(head, deltas, top, params.n)
                 return
-            started: set[int] = set()
-            async for d in deltas:
-                delta: dict[str, Any] = {}
-                if d.index not in started:
-                    started.add(d.index)
-                    delta["role"] = "assistant"
-                if d.text:
-                    delta["content"] = d.text
-                if reasoning := getattr(d, "reasoning", None):
-                    delta["reasoning_content"] = delta["reasoning"] = reasoning
-                logprobs = {"content": self._chat_logprobs(d.token_ids, d.logprobs, top)} if top is not None else None
-                if d.tool_calls:  # OpenAI's shape: the call's id and name first, then its arguments
-                    if delta:
-                        yield {**head, "choices": [_chunk_choice(d.index, delta, logprobs)]}
-                        delta, logprobs = {}, None
-                    for j, call in enumerate(d.tool_calls):
-                        opener = {"index": j, "id": call.id, "type": "function",
-                                  "function": {"name": call.name, "arguments": ""}}
-                        args = {"index": j, "function": {"arguments": json.dumps(call.arguments, ensure_ascii=False)}}
-                        yield {**head, "choices": [_chunk_choice(d.index, {"tool_calls": [opener]})]}
-                        yield {**head, "choices": [_chunk_choice(d.index, {"tool_calls": [args]})]}
-                if delta or logprobs or d.finish_reason:
-                    yield {**head, "choices": [_chunk_choice(d.index, delta, logprobs, _finish(d))]}
-                if d.finished:
-                    yield {**head, "choices": [], "usage": usage_dict(d.usage)}
+            async for chunk in self._chat_chunks(head, deltas, top):
+                yield chunk
+
+    async def _chat_chunks(self, head: dict, deltas: AsyncIterator[RequestOutput], top: int | None
+                           ) -> AsyncIterator[dict]:
+        started: set[int] = set()
+        async for d in deltas:
+            delta: dict[str, Any] = {}
+            if d.index not in started:
+                started.add(d.index)
+                delta["role"] = "assistant"
+            if d.text:
+                delta["content"] = d.text
+            if reasoning := getattr(d, "reasoning", None):
+                delta["reasoning_content"] = delta["reasoning"] = reasoning
+            logprobs = {"content": self._chat_logprobs(d.token_ids, d.logprobs, top)} if top is not None else None
+            if d.tool_calls:  # OpenAI's shape: the call's id and name first, then its arguments
+                if delta:
+                    yield {**head, "choices": [_chunk_choice(d.index, delta, logprobs)]}
+                    delta, logprobs = {}, None
+                for j, call in enumerate(d.tool_calls):
+                    opener = {"index": j, "id": call.id, "type": "function",
+                              "function": {"name": call.name, "arguments": ""}}
+                    args = {"index": j, "function": {"arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+                    yield {**head, "choices": [_chunk_choice(d.index, {"tool_calls": [opener]})]}
+                    yield {**head, "choices": [_chunk_choice(d.index, {"tool_calls": [args]})]}
+            if delta or logprobs or d.finish_reason:
+                yield {**head, "choices": [_chunk_choice(d.index, delta, logprobs, _finish(d))]}
+            if d.finished:
+                yield {**head, "choices": [], "usage": usage_dict(d.usage)}
 
     async def _chat_response(self, head: dict, deltas: AsyncIterator[RequestOutput], top: int | None, n: int
                              ) -> dict:
