@@ -8,4 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
   --implementation cp -d .whl pydantic==2.14.4 pydantic_core==2.50.5 annotated-types typing-inspection
+# The HTTP server (benchmarks/serve_bench.py, tests of the server): FastAPI + uvicorn (with its C event loop and
+# HTTP parser, as `pip install .[server]` gets them) + prometheus-client, and their dependencies.
+python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+  --implementation cp -d .whl "fastapi>=0.110" "uvicorn>=0.29" uvloop httptools "prometheus-client>=0.20" \
+  pydantic==2.14.4 pydantic_core==2.50.5
 ls .whl

@@ -2,6 +2,7 @@
 
     optimum-nvidia build MODEL [--fp8] [--kv-cache-dtype fp8] [--calibration FILE] [--output DIR]
     optimum-nvidia chat MODEL            # one user turn per input line; /reset clears the history, /exit quits
+    optimum-nvidia serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY]   # OpenAI-compatible HTTP
     optimum-nvidia bench [--model MODEL] # benchmarks/bench.py when present, else a built-in throughput run
     optimum-nvidia info                  # GPU, FP8 support, cache entries and their sizes
     optimum-nvidia cache clear           # delete the cache's entries ($OPTIMUM_NVIDIA_CACHE); other files stay
@@ -118,6 +119,24 @@ def _stream_answer(llm: Any, messages: list[dict], params: Any, args: argparse.N
         print(f"[{last.usage.prompt_tokens} prompt tokens, {last.usage.completion_tokens} new tokens"
               + (f", {rate:.1f} tok/s]" if rate else "]"), file=sys.stderr, flush=True)
     return "".join(parts)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics)."""
+    try:
+        from .server.launcher import serve
+    except ImportError as error:
+        raise RuntimeError(f"serve needs the server extra ({error.name} is missing); "
+                           "pip install 'optimum-nvidia-langchain-llamaindex[server]'") from None
+    options = _engine_options(args)
+    options.update(kv_cache_dtype=args.kv_cache_dtype, max_batch_size=args.max_batch_size,
+                   max_num_tokens=args.max_num_tokens)
+    if args.max_seq_len:
+        options["max_seq_len"] = args.max_seq_len
+    api_key = args.api_key or os.environ.get("OPTIMUM_NVIDIA_API_KEY")
+    serve(args.model, host=args.host, port=args.port, api_key=api_key, served_model_name=args.served_model_name,
+          shutdown_timeout=args.shutdown_timeout, **options)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace, script_args: list[str]) -> int:
@@ -275,6 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, help="sampling seed, for reproducible answers")
     chat.add_argument("--verbose", "-v", action="store_true", help="print token counts and speed to stderr")
 
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server", description=cmd_serve.__doc__)
+    engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $OPTIMUM_NVIDIA_API_KEY)")
+    serve.add_argument("--served-model-name", help="the model name clients send (default: MODEL as given)")
+    serve.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="KV cache storage dtype")
+    serve.add_argument("--max-batch-size", type=int, default=64, help="most sequences in one step (default 64)")
+    serve.add_argument("--max-num-tokens", type=int, default=2048, help="token budget per step (default 2048)")
+    serve.add_argument("--max-seq-len", type=int, help="prompt + output tokens (default: the model's limit)")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0,
+                       help="seconds in-flight requests get to finish on SIGTERM before they are aborted")
+
     bench = commands.add_parser(
         "bench", help="benchmark: benchmarks/bench.py on a GPU, else a built-in throughput run",
         description=cmd_bench.__doc__ + " Giving --model or --builtin selects the built-in run; arguments this "
@@ -306,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return cmd_bench(args, extra)
-        return {"build": cmd_build, "chat": cmd_chat, "info": cmd_info, "cache": cmd_cache}[args.command](args)
+        commands = {"build": cmd_build, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "cache": cmd_cache}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, RuntimeError, OSError, TypeError) as error:

@@ -1,0 +1,59 @@
+"""Ray Serve scale-out on the CPU: a local Ray instance, two SmolLM2 replicas behind the OpenAI ingress, session
+affinity observed (each agent's turns land on one replica and hit its prefix cache), both replicas used."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from live_server import free_port
+from optimum_nvidia_core.hub import DEFAULT_MODEL
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+SYSTEM = ("You are agent number {i}. You help with questions about gardening, cooking and travel. Keep answers "
+          "short, friendly and practical; mention one concrete tip in every answer, and never use lists.")
+
+
+@pytest.fixture(scope="module")
+def ingress():
+    from ray import serve
+
+    from optimum_nvidia_core.server.ray_serve import build_app
+
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(DEFAULT_MODEL, replicas=2, gpus_per_replica=0, cpus_per_replica=1, device="cpu",
+                            torch_threads=1, max_batch_size=16), route_prefix="/")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_two_replicas_keep_each_agent_on_the_replica_that_caches_its_prefix(ingress):
+    client = openai.OpenAI(base_url=ingress, api_key="unused", max_retries=0)
+    replicas_of_agent = {}
+    for i in range(12):
+        messages = [{"role": "system", "content": SYSTEM.format(i=i)}, {"role": "user", "content": "Hi!"}]
+        seen = []
+        for turn in range(2):
+            out = client.chat.completions.create(model=DEFAULT_MODEL, messages=messages, max_tokens=6, temperature=0)
+            seen.append(out.system_fingerprint)
+            if turn:  # the replica already holds this agent's system prompt and first turn
+                assert out.usage.prompt_tokens_details.cached_tokens >= 32, (i, out.usage)
+            messages += [{"role": "assistant", "content": out.choices[0].message.content},
+                         {"role": "user", "content": "Tell me more."}]
+        assert len(set(seen)) == 1, seen
+        replicas_of_agent[i] = seen[0]
+    assert len(set(replicas_of_agent.values())) == 2  # 12 agents hashed over 2 replicas: both serve
+    stream = client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=4, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 4
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "wizard", "content": "Hi"}])

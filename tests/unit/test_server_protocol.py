@@ -1,0 +1,117 @@
+"""The server's conversion layer without a server: OpenAI request bodies -> SamplingParams, errors in OpenAI's
+shape, log-probabilities in both OpenAI shapes, replica ranking for session affinity, and the core importing
+without the server's dependencies."""
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+pytest.importorskip("fastapi")
+from optimum_nvidia_core.request_stream import EngineError  # noqa: E402
+from optimum_nvidia_core.server.errors import APIError, from_exception  # noqa: E402
+from optimum_nvidia_core.server.logprobs import chat_logprobs, completion_logprobs  # noqa: E402
+from optimum_nvidia_core.server.protocol import ChatCompletionRequest, CompletionRequest  # noqa: E402
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def test_chat_request_maps_onto_sampling_params():
+    req = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": HI, "max_tokens": 10, "max_completion_tokens": 5, "temperature": 0.2, "top_p": 0.5,
+        "seed": 3, "n": 2, "stop": "END", "presence_penalty": 0.1, "frequency_penalty": 0.2, "logprobs": True,
+        "top_logprobs": 4, "response_format": {"type": "json_object"}, "some_future_field": 1})
+    params = req.sampling_params()
+    assert (params.max_tokens, params.temperature, params.top_p, params.seed, params.n) == (5, 0.2, 0.5, 3, 2)
+    assert params.stop == ["END"] and params.logprobs == 4 and params.guided_json == {"type": "object"}
+    assert (params.presence_penalty, params.frequency_penalty) == (0.1, 0.2)
+    defaults = ChatCompletionRequest(messages=HI).sampling_params()
+    assert defaults.max_tokens is None and defaults.logprobs is None and defaults.temperature == 1.0
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    req = ChatCompletionRequest(messages=HI, response_format={"type": "json_schema",
+                                                              "json_schema": {"name": "x", "schema": schema}})
+    assert req.sampling_params().guided_json == schema
+    assert ChatCompletionRequest(messages=HI, logprobs=True).sampling_params().logprobs == 0
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": []}, {"messages": HI, "temperature": 3}, {"messages": HI, "top_logprobs": 2},
+    {"messages": HI, "tool_choice": "required"}, {"messages": HI, "tool_choice": "sometimes", "tools": [{}]},
+    {"messages": HI, "response_format": {"type": "json_schema"}}, {"messages": HI, "n": 0},
+])
+def test_bad_chat_bodies_are_rejected_with_the_field_named(body):
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(body)
+    error = from_exception(info.value)
+    assert error.status == 400 and error.message
+
+
+def test_completion_request_prompts_and_defaults():
+    assert CompletionRequest(prompt="a").prompts == ["a"]
+    assert CompletionRequest(prompt=["a", "b"]).prompts == ["a", "b"]
+    assert CompletionRequest(prompt=[1, 2, 3]).prompts == [[1, 2, 3]]
+    assert CompletionRequest(prompt="a").sampling_params().max_tokens == 16  # OpenAI's default
+    for bad in ({"prompt": "a", "echo": True}, {"prompt": "a", "suffix": "z"}, {"prompt": []}):
+        with pytest.raises(ValidationError):
+            CompletionRequest.model_validate(bad)
+
+
+def test_errors_have_openai_shape_and_survive_pickling():
+    error = APIError(404, "no such model", param="model", code="model_not_found")
+    assert error.body() == {"error": {"message": "no such model", "type": "not_found_error", "param": "model",
+                                      "code": "model_not_found"}}
+    again = pickle.loads(pickle.dumps(error))  # crosses Ray's process boundary intact
+    assert (again.status, again.message, again.param, again.code) == (404, "no such model", "model", "model_not_found")
+    assert from_exception(ValueError("bad tool")).status == 400
+    assert from_exception(EngineError("gone")).status == 503
+    hidden = from_exception(KeyError("secret internals"))
+    assert hidden.status == 500 and "secret" not in hidden.message
+
+    class Wrapped(Exception):  # what Ray raises: the original exception as ``cause``
+        cause = APIError(400, "x")
+    assert from_exception(Wrapped()).status == 400
+
+
+def test_logprobs_in_both_openai_shapes():
+    text = {5: "Hel", 6: "lo", 7: "!"}.__getitem__
+    lps = [{5: -0.1, 6: -2.0, 7: -3.0}, {6: -0.5, 7: -0.7}]
+    content = chat_logprobs([5, 6], lps, 2, text)
+    assert [c["token"] for c in content] == ["Hel", "lo"] and content[0]["bytes"] == list(b"Hel")
+    assert [t["token"] for t in content[0]["top_logprobs"]] == ["Hel", "lo"]
+    legacy = completion_logprobs([5, 7], [{5: -0.1}, {6: -0.5}], 1, text, offset=10)
+    assert legacy["tokens"] == ["Hel", "!"] and legacy["text_offset"] == [10, 13]
+    assert legacy["token_logprobs"] == [-0.1, -9999.0] and legacy["top_logprobs"] == [{"Hel": -0.1}, {"lo": -0.5}]
+
+
+def test_rendezvous_ranking_is_stable_and_spreads_sessions():
+    pytest.importorskip("ray")
+    from optimum_nvidia_core.server.ray_serve import rank_replicas
+
+    keys = [f"user:{i}" for i in range(400)]
+    two = {k: rank_replicas(k, ["a", "b"])[0] for k in keys}
+    assert all(rank_replicas(k, ["b", "a"])[0] == two[k] for k in keys)  # order of candidates does not matter
+    assert 150 < sum(v == "a" for v in two.values()) < 250
+    three = {k: rank_replicas(k, ["a", "b", "c"])[0] for k in keys}
+    assert all(three[k] in (two[k], "c") for k in keys)  # a new replica only takes keys, never reshuffles
+
+
+def test_the_core_imports_without_the_server_dependencies():
+    code = ("import sys; [sys.modules.__setitem__(m, None) for m in ('fastapi', 'uvicorn', 'prometheus_client', "
+            "'starlette', 'ray')]; import optimum_nvidia_core, optimum_nvidia_core.cli, optimum_nvidia_core.server; "
+            "from optimum_nvidia_core import LLM, SamplingParams; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_ray_app_builder_parses_serve_run_arguments():
+    pytest.importorskip("ray")
+    from ray.serve import Application
+
+    from optimum_nvidia_core.server.ray_serve import app_builder
+
+    app = app_builder({"model": "some/model", "replicas": "3", "gpus_per_replica": "0.5", "max_batch_size": "32",
+                       "use_fp8": "true"})
+    assert isinstance(app, Application)
