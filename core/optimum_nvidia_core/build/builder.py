@@ -149,14 +149,19 @@ def build_fp8_engine(model_dir: Path, config, out_dir: Path) -> Path:
 
 
 def recipe_of(model: nn.Module) -> Fp8Recipe:
-    """The recipe a (possibly quantized) model was built with, read from its modules."""
-    fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    """The recipe a (possibly quantized) model was built with, read from its modules (our builds, or a
+    pre-quantized checkpoint: there every linear may have a static scale, down_proj included)."""
+    fp8 = {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
     k, v = kv_scales(model) if hasattr(model.attention_layers()[0], "k_scale") else ([1.0], [1.0])
+    static = any(m.input_scale is not None for m in fp8.values())
+    dynamic = sorted({name.rsplit(".", 1)[-1] for name, m in fp8.items() if m.input_scale is None})
+    first = next(iter(fp8.values()), None)
     return Fp8Recipe(
         use_fp8=bool(fp8),
-        weight_scale="channel" if not fp8 or fp8[0].per_channel else "tensor",
-        activation_scheme="static" if not fp8 or fp8[0].input_scale is not None else "dynamic",
+        weight_scale="channel" if first is None or first.per_channel else "tensor",
+        activation_scheme="static" if not fp8 or static else "dynamic",
         kv_cache_dtype="fp8" if any(s != 1.0 for s in k + v) else "auto",
+        dynamic_linears=tuple(dynamic) if static else Fp8Recipe.dynamic_linears,
     )
 
 
