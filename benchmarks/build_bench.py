@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STEP_TIMEOUT_S = 300
+STEP_TIMEOUT_S = {"build": 300, "load": 200, "seventy": 560}  # seconds per step (the 70B write alone is minutes)
 BLOCK_SIZE = 16  # KV-cache tokens per block of the 70B engine
 
 
@@ -159,11 +159,11 @@ def run_step(name: str, **kwargs) -> dict:
     command = [sys.executable, __file__, "--child", json.dumps({"step": name, **kwargs})]
     begin = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
+        done = subprocess.run(command, capture_output=True, text=True, timeout=STEP_TIMEOUT_S[name],
                               env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "core"),
                                                                                 str(HERE.parent), str(HERE)])})
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {STEP_TIMEOUT_S} s", "wall_s": time.perf_counter() - begin}
+        return {"error": f"timed out after {STEP_TIMEOUT_S[name]} s", "wall_s": time.perf_counter() - begin}
     sys.stderr.write(done.stderr[-3000:])
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
