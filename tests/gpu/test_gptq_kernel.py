@@ -36,16 +36,23 @@ def test_block_kernel_matches_torch_loop(device, rows, n):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gptq_on_gpu_matches_cpu_rounding():
+def test_gptq_on_gpu_is_as_good_as_on_cpu():
     from optimum_nvidia_core.build.gptq import gptq_quantize_weight
+    from optimum_nvidia_core.layers.fp8_linear import quantize_weight
 
     weight = 0.05 * torch.randn(512, 320)
     x = torch.randn(2048, 320) @ (torch.eye(320) + 0.2 * torch.randn(320, 320))
     hessian = x.t() @ x
+
+    def output_error(codes, scale):
+        reference = x @ weight.t()
+        return ((x @ (codes.cpu().float() * scale.cpu().reshape(-1, 1)).t() - reference).norm() / reference.norm())
+
     codes_gpu, scale_gpu = gptq_quantize_weight(weight.cuda(), hessian.cuda())
     codes_cpu, scale_cpu = gptq_quantize_weight(weight, hessian)
     assert torch.equal(scale_gpu.cpu(), scale_cpu)
-    # Cholesky and the trailing matmuls sum in a different order on the two devices: a few codes near a rounding
-    # boundary may land on the neighbouring e4m3 value, never further.
-    differ = (codes_gpu.cpu().float() != codes_cpu.float())
-    assert differ.float().mean().item() < 0.01
+    # Cholesky and the trailing matmuls sum in another order on the GPU, and one code that lands on the neighbouring
+    # e4m3 value changes the errors pushed onto every later column: compare the rounding's quality, not its codes.
+    gpu, cpu, nearest = output_error(codes_gpu, scale_gpu), output_error(codes_cpu, scale_cpu), \
+        output_error(*quantize_weight(weight))
+    assert gpu < 1.1 * cpu and gpu < 0.8 * nearest, (gpu, cpu, nearest)
