@@ -183,13 +183,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        print(json.dumps(STEPS[spec.pop("step")](**spec), default=str), flush=True)
+        measured = STEPS[spec.pop("step")](**spec)
+        import torch
+
+        print(json.dumps({**measured, "gpu": torch.cuda.get_device_name()}, default=str), flush=True)
         return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    import torch
-
-    result = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "shape": args.shape}
+    # No CUDA in this parent: its context would take GPU memory from the steps. Each step reports the GPU.
+    result = {"date": time.strftime("%Y-%m-%d"), "shape": "llama-3-70b" if args.seventy else args.shape}
 
     def save(key: str, value: dict) -> None:
         result[key] = value
