@@ -204,3 +204,11 @@ def test_missing_scale_and_wrong_dtype_are_clear_errors(tmp_path):
     save_file(tensors, str(tmp_path / "second" / "compressed-tensors-tensor-llama3" / "model.safetensors"))
     with pytest.raises(UnsupportedFp8Checkpoint, match="down_proj.weight is float8_e5m2"):
         load(EngineConfig(model=str(tmp_path / "second" / "compressed-tensors-tensor-llama3"), device="cpu"))
+
+
+def test_building_an_fp8_checkpoint_again_is_refused(tmp_path):
+    from optimum_nvidia_core.build import build_fp8_engine
+
+    model_dir = _write(tmp_path)
+    with pytest.raises(ValueError, match="already an FP8 checkpoint .compressed-tensors.; there is nothing to build"):
+        build_fp8_engine(model_dir, EngineConfig(model=str(model_dir), use_fp8=True, device="cpu"), tmp_path / "e")

@@ -124,8 +124,13 @@ def build_fp8_engine(model_dir: Path, config, out_dir: Path) -> Path:
     from transformers import AutoTokenizer
 
     from optimum_nvidia_core.hub import weight_files
+    from optimum_nvidia_core.models.fp8_formats import checkpoint_format
 
     model_dir = Path(model_dir)
+    fmt = checkpoint_format(model_dir)
+    if fmt is not None:
+        raise ValueError(f"{model_dir} is already an FP8 checkpoint ({fmt.producer}); there is nothing to build: "
+                         "serve it as it is with LLM(path)")
     config, manifest = prepare_build(model_dir, config)
     recipe = Fp8Recipe.from_config(config)
     device, dtype = resolve_device_dtype(config)
