@@ -79,7 +79,7 @@ def test_changed_source_weights_rebuild(tmp_path):
 def test_damaged_entry_is_detected_and_rebuilt(tiny_dir, tmp_path, damage):
     build = CountingBuilder()
     entry = get_or_build(tiny_dir, _config(tiny_dir), build, cache_root=tmp_path)
-    weights, manifest = entry / "model.safetensors", entry / "manifest.json"
+    weights, manifest = entry / "model-layer-00001.safetensors", entry / "manifest.json"  # a layer-by-layer build
     if damage == "truncate_weights":
         os.truncate(weights, weights.stat().st_size // 2)
     elif damage == "flip_weight_byte":
@@ -172,7 +172,7 @@ def test_build_killed_midway_leaves_nothing_loadable(tiny_dir, tmp_path):
     cache = tmp_path / "cache"
     child = _spawn(script, tiny_dir, cache, tmp_path)
     _wait_for(tmp_path / "stalled", child)
-    assert any(p.name.startswith(".tmp-") and (p / "model.safetensors").exists() for p in cache.iterdir())
+    assert any(p.name.startswith(".tmp-") and (p / "model.safetensors.index.json").exists() for p in cache.iterdir())
     child.kill()
     child.communicate(timeout=60)
     entries = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]

@@ -177,7 +177,9 @@ def test_build_save_load_round_trip(tiny_dir, tokenizer, tmp_path):
     manifest = read_manifest(out)
     assert manifest["identity"]["recipe"]["kv_cache_dtype"] == "fp8"
     assert manifest["identity"]["calibration"]["samples"] == 6
-    assert {"config.json", "tokenizer.json", "model.safetensors"} <= set(manifest["files"])
+    # Built layer by layer: one shard per decoder layer, one for the embeddings, and their index.
+    assert {"config.json", "tokenizer.json", "model.safetensors.index.json", "model-embeddings.safetensors",
+            "model-layer-00000.safetensors", "model-layer-00001.safetensors"} <= set(manifest["files"])
     model = load_engine(out, torch.float32, "cpu")
     assert sum(isinstance(m, Fp8Linear) for m in model.modules()) == 8
     assert [float(a.k_scale) for a in model.attention_layers()] == manifest["kv_scales"]["k"]

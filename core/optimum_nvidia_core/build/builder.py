@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -116,36 +117,56 @@ def prepare_build(model_dir: Path, config) -> tuple[object, dict]:
 
 
 def build_fp8_engine(model_dir: Path, config, out_dir: Path) -> Path:
-    """Load the high-precision model, calibrate (if the recipe needs it), quantize, save to ``out_dir``."""
+    """Calibrate (if the recipe needs it) and quantize ``model_dir`` into an engine at ``out_dir``.
+
+    A safetensors checkpoint is built one decoder layer at a time (build/streaming.py: peak GPU memory is about one
+    high-precision layer); pickle (.bin) checkpoints are loaded whole first."""
     from transformers import AutoTokenizer
 
-    from optimum_nvidia_core.models.loader import load_model
+    from optimum_nvidia_core.hub import weight_files
+    from optimum_nvidia_core.models.fp8_formats import checkpoint_format
 
     model_dir = Path(model_dir)
+    fmt = checkpoint_format(model_dir)
+    if fmt is not None:
+        raise ValueError(f"{model_dir} is already an FP8 checkpoint ({fmt.producer}); there is nothing to build: "
+                         "serve it as it is with LLM(path)")
     config, manifest = prepare_build(model_dir, config)
     recipe = Fp8Recipe.from_config(config)
     device, dtype = resolve_device_dtype(config)
     if recipe.use_fp8 or recipe.kv_cache_dtype == "fp8":
         check_fp8_supported(device)
-    model = load_model(model_dir, dtype, device)
     token_lists = None
     if recipe.needs_calibration:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        samples = config.calibration_dataset
-        token_lists = calibration.tokenize_samples(tokenizer, samples, config.calibration_max_length)
+        token_lists = calibration.tokenize_samples(tokenizer, config.calibration_dataset,
+                                                   config.calibration_max_length)
+    if all(f.suffix == ".safetensors" for f in weight_files(model_dir, config.allow_pickle_weights)):
+        from optimum_nvidia_core.build.streaming import build_streaming
+
+        return write_engine_dir(model_dir, out_dir, manifest, lambda tmp: build_streaming(
+            model_dir, recipe, token_lists, dtype, device, tmp))
+    from optimum_nvidia_core.models.loader import load_model
+
+    model = load_model(model_dir, dtype, device, allow_pickle=config.allow_pickle_weights)
     quantize_model(model, recipe, token_lists)
     return save_engine(model, model_dir, out_dir, manifest)
 
 
 def recipe_of(model: nn.Module) -> Fp8Recipe:
-    """The recipe a (possibly quantized) model was built with, read from its modules."""
-    fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    """The recipe a (possibly quantized) model was built with, read from its modules (our builds, or a
+    pre-quantized checkpoint: there every linear may have a static scale, down_proj included)."""
+    fp8 = {name: m for name, m in model.named_modules() if isinstance(m, Fp8Linear)}
     k, v = kv_scales(model) if hasattr(model.attention_layers()[0], "k_scale") else ([1.0], [1.0])
+    static = any(m.input_scale is not None for m in fp8.values())
+    dynamic = sorted({name.rsplit(".", 1)[-1] for name, m in fp8.items() if m.input_scale is None})
+    first = next(iter(fp8.values()), None)
     return Fp8Recipe(
         use_fp8=bool(fp8),
-        weight_scale="channel" if not fp8 or fp8[0].per_channel else "tensor",
-        activation_scheme="static" if not fp8 or fp8[0].input_scale is not None else "dynamic",
+        weight_scale="channel" if first is None or first.per_channel else "tensor",
+        activation_scheme="static" if not fp8 or static else "dynamic",
         kv_cache_dtype="fp8" if any(s != 1.0 for s in k + v) else "auto",
+        dynamic_linears=tuple(dynamic) if static else Fp8Recipe.dynamic_linears,
     )
 
 
@@ -164,18 +185,29 @@ def save_engine(model: nn.Module, tokenizer_src_dir: Path, out_dir: Path, manife
     engine) or describes the model as it is."""
     from safetensors.torch import save_model
 
-    out_dir, src = Path(out_dir), Path(tokenizer_src_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / engine_dir.MANIFEST_NAME).is_file():
-        raise FileExistsError(f"{out_dir} exists and is not an engine directory; pass a new or empty directory")
+    src = Path(tokenizer_src_dir)
     if manifest is None:
         manifest = _manifest_for_loaded(model, src)
+
+    def write_weights(tmp: Path) -> dict:
+        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        k, v = kv_scales(model)
+        return {"k": k, "v": v}
+
+    return write_engine_dir(src, out_dir, manifest, write_weights)
+
+
+def write_engine_dir(src_dir: Path, out_dir: Path, manifest: dict, write_weights) -> Path:
+    """The one way an engine directory is written: ``write_weights(tmp_dir) -> kv_scales`` writes the weights into a
+    temp dir next to ``out_dir``, the support files of ``src_dir`` and the manifest follow, then one rename."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / engine_dir.MANIFEST_NAME).is_file():
+        raise FileExistsError(f"{out_dir} exists and is not an engine directory; pass a new or empty directory")
     manifest = {k: v for k, v in manifest.items() if k not in ("files", "checksum", "created")}
-    k, v = kv_scales(model)
-    manifest["kv_scales"] = {"k": k, "v": v}
     tmp = cache_dir.temp_dir_for(out_dir)
     try:
-        _copy_support_files(src, tmp)
-        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        _copy_support_files(Path(src_dir), tmp)
+        manifest["kv_scales"] = write_weights(tmp)
         engine_dir.finalize_engine_dir(tmp, manifest)
         engine_dir.publish_dir(tmp, out_dir)
     except BaseException:
@@ -197,8 +229,9 @@ def _manifest_for_loaded(model: nn.Module, src: Path) -> dict:
 def load_engine(engine_path: Path, dtype: torch.dtype, device: torch.device | str, verify: bool = True) -> nn.Module:
     """Load a verified engine dir: the model with Fp8Linear modules where it was quantized, and its KV scales.
 
-    Raises EngineDirError for a partial or corrupted directory (never loads one)."""
-    from safetensors.torch import load_model as load_safetensors_into
+    The model is laid out on the meta device and each saved tensor becomes its parameter directly, so loading
+    never holds more than the engine's own weights (a 70B FP8 engine loads on one 141 GB GPU). Raises
+    EngineDirError for a partial or corrupted directory (never loads one)."""
     from transformers import AutoConfig
 
     from optimum_nvidia_core.models.loader import build_model
@@ -209,10 +242,53 @@ def load_engine(engine_path: Path, dtype: torch.dtype, device: torch.device | st
     if recipe.use_fp8 or recipe.kv_cache_dtype == "fp8":
         check_fp8_supported(device)
     hf_config = AutoConfig.from_pretrained(engine_path, trust_remote_code=False)
-    model = build_model(hf_config, dtype, device)
-    swap_in_empty_fp8(model, recipe, dtype, device)
-    load_safetensors_into(model, str(engine_path / WEIGHTS_NAME), strict=True, device=str(device))
+    model = build_model(hf_config, dtype, "meta")
+    swap_in_empty_fp8(model, recipe, dtype, torch.device("meta"))
+    assign_saved_tensors(model, engine_weight_files(engine_path), device)
     scales = manifest.get("kv_scales")
     if scales:
         set_kv_scales(model, scales["k"], scales["v"])
     return model.eval()
+
+
+def engine_weight_files(engine_path: Path) -> list[Path]:
+    """model.safetensors (whole-model builds and saves), or the shards of a layer-by-layer build."""
+    from optimum_nvidia_core.build.streaming import INDEX_NAME
+
+    if (engine_path / WEIGHTS_NAME).is_file():
+        return [engine_path / WEIGHTS_NAME]
+    index = engine_path / INDEX_NAME
+    if not index.is_file():
+        raise engine_dir.EngineDirError(f"{engine_path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}; rebuild it")
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if any(Path(n).name != n for n in names):
+        raise engine_dir.EngineDirError(f"{index} names files outside the engine directory; rebuild the engine")
+    return [engine_path / n for n in names]
+
+
+@torch.no_grad()
+def assign_saved_tensors(model: nn.Module, files: list[Path], device: torch.device) -> None:
+    """Make each tensor of ``files`` the parameter/buffer of its name in ``model`` (on the meta device), cast to the
+    model's dtype for it. Every tensor of the model must be given exactly once (tied embeddings: either name)."""
+    from safetensors.torch import load_file
+
+    expected = model.state_dict()  # meta tensors: names, shapes and dtypes
+    tied = getattr(model, "tie_word_embeddings", False)
+    seen, unexpected = set(), []
+    for file in files:
+        state = load_file(str(file), device=str(device))
+        if tied and "lm_head.weight" in state:
+            state.setdefault("model.embed_tokens.weight", state.pop("lm_head.weight"))
+        for name, tensor in state.items():
+            if name not in expected or tuple(tensor.shape) != tuple(expected[name].shape):
+                unexpected.append(name)
+                continue
+            state[name] = tensor.to(expected[name].dtype)
+        model.load_state_dict({n: t for n, t in state.items() if n not in unexpected}, strict=False, assign=True)
+        seen.update(state)
+    missing = set(expected) - seen - ({"lm_head.weight"} if tied else set())
+    if missing or unexpected:
+        raise engine_dir.EngineDirError(
+            f"engine weights do not match the model: missing {sorted(missing)[:5]}, unexpected or misshapen "
+            f"{sorted(unexpected)[:5]}; rebuild the engine")
+    model.tie_weights()

@@ -11,7 +11,8 @@ layer's K and V (FP8 KV-cache scales), over all calibration tokens.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -126,21 +127,18 @@ def _record_hessian(store: dict, name: str, x: torch.Tensor) -> None:
         store[name] = x.t() @ x
 
 
-@torch.no_grad()
-def collect_stats(
-    model: nn.Module, linear_names: list[str], token_lists: list[list[int]], progress: bool = True,
+@contextmanager
+def recording(
+    model: nn.Module, stats: CalibrationStats, linear_names: list[str], attention_layers: list[nn.Module],
     hessian_names: list[str] = (),
-) -> CalibrationStats:
-    """Run every sample through the model (prefill through a scratch paged cache) with hooks recording input
-    ranges of ``linear_names``, K/V ranges of every attention layer and input Hessians of ``hessian_names``."""
-    from tqdm.auto import tqdm
-
+) -> Iterator[CalibrationStats]:
+    """While inside, forward passes record into ``stats``: the input absmax of ``linear_names``, the K/V absmax of
+    ``attention_layers`` (stats.k_absmax[i] belongs to attention_layers[i]) and the input Hessians of
+    ``hessian_names``. Module names are those of ``model.named_modules()``."""
     modules = dict(model.named_modules())
-    attention_layers = model.attention_layers()
-    stats = CalibrationStats(
-        input_absmax={name: 0.0 for name in linear_names},
-        k_absmax=[0.0] * len(attention_layers), v_absmax=[0.0] * len(attention_layers),
-    )
+    stats.input_absmax.update({name: 0.0 for name in linear_names})
+    stats.k_absmax[:] = [0.0] * len(attention_layers)
+    stats.v_absmax[:] = [0.0] * len(attention_layers)
     hooks = []
     for name in linear_names:
         hooks.append(modules[name].register_forward_pre_hook(
@@ -155,18 +153,32 @@ def collect_stats(
             _record_max(stats.v_absmax, i, args[2])
         hooks.append(layer.register_forward_pre_hook(record_kv))
     try:
-        bar = tqdm(total=sum(map(len, token_lists)), desc="FP8 calibration", unit="tok", disable=not progress)
-        for group in _group_by_tokens(token_lists, TOKENS_PER_PASS):
-            prefill(model, group)
-            bar.update(sum(map(len, group)))
-        bar.close()
+        yield stats
     finally:
         for hook in hooks:
             hook.remove()
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module, linear_names: list[str], token_lists: list[list[int]], progress: bool = True,
+    hessian_names: list[str] = (),
+) -> CalibrationStats:
+    """Run every sample through the model (prefill through a scratch paged cache) with hooks recording input
+    ranges of ``linear_names``, K/V ranges of every attention layer and input Hessians of ``hessian_names``."""
+    from tqdm.auto import tqdm
+
+    stats = CalibrationStats()
+    with recording(model, stats, linear_names, model.attention_layers(), hessian_names):
+        bar = tqdm(total=sum(map(len, token_lists)), desc="FP8 calibration", unit="tok", disable=not progress)
+        for group in group_by_tokens(token_lists, TOKENS_PER_PASS):
+            prefill(model, group)
+            bar.update(sum(map(len, group)))
+        bar.close()
     return stats
 
 
-def _group_by_tokens(token_lists: list[list[int]], budget: int) -> list[list[list[int]]]:
+def group_by_tokens(token_lists: list[list[int]], budget: int) -> list[list[list[int]]]:
     groups, current, used = [], [], 0
     for ids in token_lists:
         if current and used + len(ids) > budget:

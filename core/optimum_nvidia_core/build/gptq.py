@@ -6,7 +6,8 @@ SmolLM2-135M that alone costs ~4% perplexity. GPTQ rounds one input column at a 
 rounding error onto the columns not yet rounded, weighted by the inverse Hessian H = X^T X of the layer's
 calibration inputs, so the error the layer's *output* sees shrinks (benchmarks/NOTES.md has the perplexities).
 
-Cost: one [K, K] Hessian per linear (accumulated during calibration) and a Python loop over K columns per linear.
+Cost: one [K, K] Hessian per linear (accumulated during calibration), its inverse's Cholesky factor, and the
+column loop: blocked, one Triton launch per 64 columns on the GPU (the per-column torch loop is the CPU path).
 """
 from __future__ import annotations
 
@@ -41,23 +42,46 @@ def gptq_quantize_weight(
 
 
 def _round_columns(w_t: torch.Tensor, upper: torch.Tensor, scale_row: torch.Tensor) -> torch.Tensor:
-    """The GPTQ loop over the rows of w_t [K, N] (modified in place); returns e4m3 codes [K, N]."""
+    """The GPTQ loop over the rows of w_t [K, N] (modified in place); returns e4m3 codes [K, N].
+
+    Blocked ("lazy batch updates"): the rows of one block are rounded one by one against each other, and the block's
+    errors reach the rows after it through one matmul. On CUDA one block is one Triton launch
+    (kernels/gptq_block.py); elsewhere the torch loop below, with the same numerics."""
     codes = torch.empty_like(w_t, dtype=torch.float8_e4m3fn)
-    k = w_t.shape[0]
+    round_block = _block_kernel(w_t.device) or _round_block
+    k, n = w_t.shape
+    scale_row = scale_row.reshape(-1).expand(n).contiguous()  # [N]: per-tensor scales repeated
     for start in range(0, k, BLOCK):
         end = min(start + BLOCK, k)
-        block = w_t[start:end].clone()  # [B, N]
-        errors = torch.empty_like(block)
-        factor = upper[start:end, start:end]
-        for i in range(end - start):
-            row = block[i]
-            code = quantize_fp8(row.unsqueeze(0), scale_row)  # [1, N]
-            codes[start + i] = code[0]
-            error = (row - code[0].float() * scale_row[0]) / factor[i, i]
-            block[i + 1:] -= factor[i, i + 1:].unsqueeze(1) * error.unsqueeze(0)
-            errors[i] = error
+        codes[start:end], errors = round_block(w_t[start:end], upper[start:end, start:end], scale_row)
         w_t[end:] -= upper[start:end, end:].t() @ errors  # the block's error, onto the columns after it
     return codes
+
+
+def _round_block(block: torch.Tensor, factor: torch.Tensor, scale_row: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """block [b, N] (not modified), factor [b, b], scale_row [N] -> (e4m3 codes [b, N], scaled errors [b, N])."""
+    block = block.clone()
+    codes = torch.empty_like(block, dtype=torch.float8_e4m3fn)
+    errors = torch.empty_like(block)
+    for i in range(block.shape[0]):
+        row = block[i]
+        codes[i] = quantize_fp8(row, scale_row)
+        error = (row - codes[i].float() * scale_row) / factor[i, i]
+        block[i + 1:] -= factor[i, i + 1:].unsqueeze(1) * error.unsqueeze(0)
+        errors[i] = error
+    return codes, errors
+
+
+def _block_kernel(device: torch.device):
+    """The Triton block kernel on a CUDA device (None elsewhere, or where Triton cannot load)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from optimum_nvidia_core.kernels.gptq_block import gptq_round_block
+    except ImportError:
+        return None
+    return gptq_round_block
 
 
 def _inverse_hessian_factor(hessian: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:

@@ -117,14 +117,18 @@ def quantize_model(model: nn.Module, recipe: Fp8Recipe, calib_token_lists: list[
                              "kv_cache_dtype='auto'")
         stats = collect_stats(model, [n for n in names if recipe.static_input(n)], calib_token_lists, progress,
                               hessian_names=names if recipe.uses_gptq else [])
-    _swap_linears(model, names, recipe, stats, progress)
+    swap_linears(model, names, recipe, stats, progress)
     if recipe.kv_cache_dtype == "fp8":
-        set_kv_scales(model, [a * HEADROOM / FP8_MAX for a in stats.k_absmax],
-                      [a * HEADROOM / FP8_MAX for a in stats.v_absmax])
+        set_kv_scales(model, [kv_scale(a) for a in stats.k_absmax], [kv_scale(a) for a in stats.v_absmax])
     return model
 
 
-def _swap_linears(model: nn.Module, names: list[str], recipe: Fp8Recipe, stats, progress: bool) -> None:
+def kv_scale(absmax: float) -> float:
+    """The FP8 KV-cache scale for a calibrated K or V absmax, as the fp32 value the layers hold."""
+    return float(torch.tensor(max(absmax * HEADROOM / FP8_MAX, MIN_SCALE), dtype=torch.float32))
+
+
+def swap_linears(model: nn.Module, names: list[str], recipe: Fp8Recipe, stats, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     from optimum_nvidia_core.build.gptq import gptq_quantize_weight

@@ -28,10 +28,12 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 @contextmanager
-def scratch_kv_cache(model: nn.Module, num_blocks: int, kv_dtype: torch.dtype | None = None) -> Iterator[None]:
-    """Give every attention layer a zeroed cache of ``num_blocks`` blocks; restore the old caches on exit."""
+def scratch_kv_cache(model: nn.Module, num_blocks: int, kv_dtype: torch.dtype | None = None,
+                     layers: list[nn.Module] | None = None) -> Iterator[None]:
+    """Give every attention layer (or only ``layers``) a zeroed cache of ``num_blocks`` blocks; restore the old
+    caches on exit. ``model`` may be a single decoder layer: it gives the device and dtype."""
     device, dtype = model_device_dtype(model)
-    layers = model.attention_layers()
+    layers = model.attention_layers() if layers is None else layers
     saved = [(layer.k_cache, layer.v_cache) for layer in layers] if all(
         hasattr(layer, "k_cache") for layer in layers) else None
     for layer in layers:

@@ -32,6 +32,8 @@ def load(config: EngineConfig) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
     from ..hub import resolve_model
+    from ..models.fp8_checkpoint import load_fp8_checkpoint
+    from ..models.fp8_formats import checkpoint_format
     from ..models.loader import load_model
 
     device = pick_device(config.device)
@@ -49,7 +51,10 @@ def load(config: EngineConfig) -> LoadedModel:
         model = load_engine(path, dtype, device)
     else:
         model_dir = resolve_model(config.model, config.revision, allow_pickle=config.allow_pickle_weights)
-        if wants_fp8:
+        fp8_format = checkpoint_format(model_dir)  # a pre-quantized FP8 checkpoint is served as it is
+        if fp8_format is not None:
+            model = load_fp8_checkpoint(model_dir, fp8_format, dtype, device, config.kv_cache_dtype)
+        elif wants_fp8:
             from ..build import build_fp8_engine, get_or_build, load_engine
 
             engine_dir = get_or_build(model_dir, config, build_fp8_engine)

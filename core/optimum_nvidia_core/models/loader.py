@@ -106,14 +106,19 @@ def _engine_without_manifest(model_dir: Path) -> str:
 
 
 @torch.no_grad()
-def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]], total: int | None = None):
-    """Copy (checkpoint name, tensor) pairs into `model`; raise if a weight is missing or unknown."""
+def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]], total: int | None = None,
+                 prefix: str | tuple[str, ...] = "", progress: bool | None = None):
+    """Copy (checkpoint name, tensor) pairs into `model`; raise if a weight is missing or unknown.
+
+    ``prefix``: fill (and require) only the parameters under it (or under any of a tuple of prefixes), e.g.
+    "model.layers.3." (layer-by-layer builds)."""
     from tqdm.auto import tqdm
 
-    params = dict(model.named_parameters(remove_duplicate=False))
-    pending = _expected_parts(model)
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=False) if n.startswith(prefix)}
+    pending = {part for part in _expected_parts(model) if part[0].startswith(prefix)}
     unexpected = []
-    for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=None):
+    disable = None if progress is None else not progress  # None: a bar on a terminal only
+    for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=disable):
         target = _our_name(name, model)
         if target is None:
             continue

@@ -1,0 +1,225 @@
+"""FP8 build benchmark (issue 19) on one GPU: build time (GPTQ and nearest rounding), cached load, a build under a
+GPU memory cap smaller than the bf16 model, peak memory; and (--seventy) a 70B-shape FP8 checkpoint written
+straight in the compressed-tensors layout, loaded and served.
+
+    PYTHONPATH=core:. python benchmarks/build_bench.py --out benchmarks/results/<date>-h200-build.json
+    PYTHONPATH=core:. python benchmarks/build_bench.py --seventy /dev/shm/llama-3-70b-fp8 --out ...-70b.json
+
+Each measured step runs in its own Python process (fresh CUDA context, nothing verified or cached in memory, the
+memory cap set before the first allocation), reporting one JSON line; this parent writes them to --out after each
+step, so a time-out still leaves the steps done. Every figure is measured in the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STEP_TIMEOUT_S = {"build": 300, "load": 200, "seventy": 560}  # seconds per step (the 70B write alone is minutes)
+BLOCK_SIZE = 16  # KV-cache tokens per block of the 70B engine
+
+
+# ---- steps (each in a child process) -------------------------------------------------------------------------------
+def step_build(ckpt: str, cache: str, rounding: str, cap_gib: float | None) -> dict:
+    """Build the default FP8 engine (GPTQ or nearest rounding) into ``cache``; under ``cap_gib`` of GPU memory, first
+    show that the bf16 model itself does not fit, then build and load the FP8 engine under the same cap."""
+    import torch
+
+    from optimum_nvidia_core.build import get_or_build, load_engine
+    from optimum_nvidia_core.config import EngineConfig
+
+    result = {"rounding": rounding, "cap_GiB": cap_gib}
+    if cap_gib:
+        torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+        result["bf16_model_loads_under_cap"] = _bf16_fits(ckpt)
+    torch.cuda.reset_peak_memory_stats()
+    config = EngineConfig(model=ckpt, use_fp8=True, weight_rounding=rounding, device="cuda")
+    begin = time.perf_counter()
+    engine = get_or_build(Path(ckpt), config, cache_root=Path(cache))
+    torch.cuda.synchronize()
+    result["build_s"] = time.perf_counter() - begin
+    result["build_peak_allocated_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    result["build_peak_reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
+    result["engine_GB"] = sum(p.stat().st_size for p in engine.iterdir()) / 1e9
+    if cap_gib:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        begin = time.perf_counter()
+        model = load_engine(engine, torch.bfloat16, "cuda")
+        torch.cuda.synchronize()
+        result["load_under_cap_s"] = time.perf_counter() - begin
+        result["loaded_peak_allocated_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        del model
+    return result
+
+
+def _bf16_fits(ckpt: str) -> dict:
+    import torch
+
+    from optimum_nvidia_core.models.loader import load_model
+
+    try:
+        load_model(Path(ckpt), torch.bfloat16, "cuda")
+        fits = {"fits": True}
+    except torch.OutOfMemoryError as error:
+        fits = {"fits": False, "error": str(error).splitlines()[0][:200]}
+    torch.cuda.empty_cache()  # whatever was allocated is garbage now
+    return fits
+
+
+def step_load(ckpt: str, cache: str, rounding: str) -> dict:
+    """A fresh process finds the cached engine (verifying every file), loads it, then starts a serving LLM."""
+    import torch
+
+    from optimum_nvidia_core import LLM, SamplingParams
+    from optimum_nvidia_core.build import get_or_build, load_engine
+    from optimum_nvidia_core.config import EngineConfig
+
+    config = EngineConfig(model=ckpt, use_fp8=True, weight_rounding=rounding, device="cuda")
+    begin = time.perf_counter()
+    engine = get_or_build(Path(ckpt), config, cache_root=Path(cache), build_fn=_refuse_build)
+    verified = time.perf_counter()
+    model = load_engine(engine, torch.bfloat16, "cuda", verify=False)
+    torch.cuda.synchronize()
+    result = {"verify_s": verified - begin, "load_engine_s": time.perf_counter() - verified,
+              "cached_load_s": time.perf_counter() - begin}
+    del model
+    torch.cuda.empty_cache()
+    os.environ["OPTIMUM_NVIDIA_CACHE"] = str(Path(cache).parent)  # so that engine_cache_root() == cache
+    begin = time.perf_counter()
+    llm = LLM(ckpt, device="cuda", use_fp8=True, weight_rounding=rounding)
+    llm.generate([[5] * 8], SamplingParams(max_tokens=2, temperature=0.0))
+    result["llm_ready_s"] = time.perf_counter() - begin  # load + KV-cache allocation + CUDA graphs + warm-up
+    llm.shutdown()
+    return result
+
+
+def _refuse_build(*_args):
+    raise RuntimeError("the engine was not in the cache: the build step failed or used other options")
+
+
+def step_seventy(ckpt: str) -> dict:
+    """Write a 70B-shape FP8 checkpoint (compressed-tensors, per-channel weights, static activations, FP8 KV
+    scales) straight in FP8, then serve it: decode at bs1 and 128/128 at 64 concurrent, memory and KV room."""
+    import torch
+
+    from checkpoint import llama_config, write_tokenizer
+    from optimum_nvidia_core import LLM, SamplingParams
+    from optimum_nvidia_core.models.fp8_checkpoint_writer import write_fp8_checkpoint
+
+    result = {}
+    if not (Path(ckpt) / "done").exists():
+        begin = time.perf_counter()
+        config = llama_config("llama-3-70b")
+        write_fp8_checkpoint(config, Path(ckpt), "compressed-tensors", "channel", True, True, device="cuda")
+        write_tokenizer(Path(ckpt), config.vocab_size)
+        (Path(ckpt) / "done").write_text("ok")
+        result["checkpoint_write_s"] = time.perf_counter() - begin
+    begin = time.perf_counter()
+    llm = LLM(ckpt, device="cuda", kv_cache_dtype="fp8", max_batch_size=64, block_size=BLOCK_SIZE)
+    llm.generate([[5] * 8], SamplingParams(max_tokens=2, temperature=0.0))
+    result["llm_ready_s"] = time.perf_counter() - begin
+    stats = llm.stats()
+    result["engine_stats"] = stats
+    result["kv_cache_tokens"] = stats.get("total_blocks", 0) * BLOCK_SIZE  # room in the FP8 KV cache
+    free, total = torch.cuda.mem_get_info()
+    result["device_memory_used_GiB"] = (total - free) / 2**30
+
+    def run(count: int, prompt: int, out: int) -> list:
+        import random
+
+        rng = random.Random(count)
+        prompts = [[rng.randrange(3, 128000) for _ in range(prompt)] for _ in range(count)]
+        return llm.generate(prompts, SamplingParams(max_tokens=out, min_tokens=out, temperature=0.0))
+
+    run(2, 64, 8)  # warm-up
+    (out,) = run(1, 128, 256)
+    result["decode_tok_s_bs1"] = 255 / (out.metrics.finished_time - out.metrics.first_token_time)
+    outs = run(64, 128, 128)
+    seconds = max(o.metrics.finished_time for o in outs) - min(o.metrics.arrival_time for o in outs)
+    result["output_tok_s_64x128_128"] = 64 * 128 / seconds
+    free, total = torch.cuda.mem_get_info()
+    result["device_memory_used_after_GiB"] = (total - free) / 2**30  # every process on the GPU (the engine core's)
+    llm.shutdown()
+    return result
+
+
+STEPS = {"build": step_build, "load": step_load, "seventy": step_seventy}
+
+
+# ---- the parent -----------------------------------------------------------------------------------------------------
+def run_step(name: str, **kwargs) -> dict:
+    """Run one step in a child process; its last stdout line is its JSON result."""
+    command = [sys.executable, __file__, "--child", json.dumps({"step": name, **kwargs})]
+    begin = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=STEP_TIMEOUT_S[name],
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "core"),
+                                                                                str(HERE.parent), str(HERE)])})
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {STEP_TIMEOUT_S[name]} s", "wall_s": time.perf_counter() - begin}
+    sys.stderr.write(done.stderr[-3000:])
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        return {"error": (done.stderr or done.stdout)[-1500:], "wall_s": time.perf_counter() - begin}
+    return {**json.loads(lines[-1]), "wall_s": time.perf_counter() - begin}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", help="the JSON results file (required)")
+    parser.add_argument("--work-dir", default="/tmp/onv_build_bench")
+    parser.add_argument("--shape", default="llama-3-8b")
+    parser.add_argument("--cap-gib", type=float, default=12.0, help="GPU memory cap of the capped GPTQ build")
+    parser.add_argument("--skip", default="", help="comma-separated steps to skip: nearest, load")
+    parser.add_argument("--seventy", default=None, help="only the 70B step, its checkpoint in this directory")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        measured = STEPS[spec.pop("step")](**spec)
+        import torch
+
+        print(json.dumps({**measured, "gpu": torch.cuda.get_device_name()}, default=str), flush=True)
+        return
+    if not args.out:
+        parser.error("--out is required")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # No CUDA in this parent: its context would take GPU memory from the steps. Each step reports the GPU.
+    result = {"date": time.strftime("%Y-%m-%d"), "shape": "llama-3-70b" if args.seventy else args.shape}
+
+    def save(key: str, value: dict) -> None:
+        result[key] = value
+        print(key, json.dumps(value, default=str), flush=True)
+        out.write_text(json.dumps(result, indent=1, default=str))
+
+    if args.seventy:
+        save("llama-3-70b_fp8", run_step("seventy", ckpt=args.seventy))
+        return
+    sys.path.insert(0, str(HERE))
+    from checkpoint import write_checkpoint
+
+    work = Path(args.work_dir)
+    begin = time.perf_counter()
+    ckpt = str(write_checkpoint(args.shape, work / args.shape))
+    save("checkpoint", {"dir": ckpt, "write_s": time.perf_counter() - begin})
+    skip = set(filter(None, args.skip.split(",")))
+    gptq_cache = str(work / "cache-gptq" / "engines")  # <OPTIMUM_NVIDIA_CACHE>/engines
+    save("build_gptq_capped", run_step("build", ckpt=ckpt, cache=gptq_cache, rounding="gptq", cap_gib=args.cap_gib))
+    if "error" in result["build_gptq_capped"]:  # still measure the build time, without the cap
+        save("build_gptq", run_step("build", ckpt=ckpt, cache=gptq_cache, rounding="gptq", cap_gib=None))
+    if "load" not in skip:
+        save("cached_load_gptq", run_step("load", ckpt=ckpt, cache=gptq_cache, rounding="gptq"))
+    if "nearest" not in skip:
+        save("build_nearest", run_step("build", ckpt=ckpt, cache=str(work / "cache-nearest" / "engines"),
+                                       rounding="nearest", cap_gib=None))
+
+
+if __name__ == "__main__":
+    main()
