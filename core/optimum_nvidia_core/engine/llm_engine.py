@@ -329,6 +329,7 @@ class LLMEngine:
         stats["free_blocks"] = self.block_manager.num_free_blocks
         stats["total_blocks"] = self.runner.num_blocks
         stats["running_requests"] = len(self.requests)
+        stats["awaiting_grammar"] = len(self._awaiting_grammar)  # guided requests whose grammar is compiling
         return stats
 
     def perplexity(self, token_ids: list[int]) -> float:
