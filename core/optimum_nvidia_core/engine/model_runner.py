@@ -50,7 +50,6 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
         self._allocate_kv_cache()
         self.sampler = Sampler()
-        self.fault_hook = None  # tests: fn(logits [R, V], seqs [R]) -> None, may poison rows
         if device.type == "cuda" and hasattr(model, "fuse_fp8_input_quantization"):
             model.fuse_fp8_input_quantization()
         self.graphs = self._maybe_graphs()
@@ -158,9 +157,7 @@ class ModelRunner:
         if not rows:
             return LaunchedStep(len(batch.seqs), rows)
         sample_seqs = [batch.seqs[i] for i in rows]
-        logits = self.model.compute_logits(self._last_hidden(hidden, attn, rows))  # [R, V] float32
-        if self.fault_hook is not None:
-            self.fault_hook(logits, sample_seqs)
+        logits = self.compute_logits(hidden, attn, rows, sample_seqs)
         sampling = SamplingBatch.build(sample_seqs, logits.device, self.eos_token_ids, token_bitmask=allowed)
         out = self.sampler(logits, sampling)
         tokens = torch.where(torch.isfinite(logits).all(dim=-1), out.token_ids, -1)  # [R], -1: not finite
@@ -193,6 +190,11 @@ class ModelRunner:
             sampled[i] = int(row[0])
             top[i] = logprobs
         return sampled, top
+
+    def compute_logits(self, hidden: torch.Tensor, attn: AttentionMetadata, rows: list[int],
+                       seqs: list) -> torch.Tensor:
+        """Logits [R, V] (float32) of the sampled rows' last positions. (Tests override it to inject faults.)"""
+        return self.model.compute_logits(self._last_hidden(hidden, attn, rows))
 
     def _last_hidden(self, hidden: torch.Tensor, attn: AttentionMetadata, rows: list[int]) -> torch.Tensor:
         """hidden [T, H] -> [R, H]: the last query token of each sampled sequence (rows)."""
