@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from ..layers.token_bitmask import TokenBitmask, num_words
-from .schema import import_xgrammar
 
 
 class GrammarBitmask:
@@ -32,7 +31,7 @@ class GrammarBitmask:
         self._copied: list[Any] = [None, None]  # CUDA events: the last copy out of each buffer
         self._current = 0
         self._num_filled = 0
-        self._batch = import_xgrammar().BatchGrammarMatcher(max_threads=2)
+        self._batch = _batch_matcher()
 
     @property
     def words(self) -> np.ndarray:
@@ -48,10 +47,12 @@ class GrammarBitmask:
             self._copied[self._current].synchronize()  # long done in practice: it was two steps ago
         self._num_filled = len(matchers)
         host = self._host[self._current]
-        if len(matchers) == 1:
-            matchers[0].fill_bitmask(host, 0)
-        elif matchers:
-            self._batch.batch_fill_next_token_bitmask([m.grammar_matcher for m in matchers], host)
+        handles = [getattr(m, "grammar_matcher", None) for m in matchers]
+        if len(matchers) > 1 and self._batch is not None and None not in handles:
+            self._batch.batch_fill_next_token_bitmask(handles, host)  # C++ threads, one call
+        else:
+            for k, matcher in enumerate(matchers):
+                matcher.fill_bitmask(host, k)
 
     def allows_any(self) -> np.ndarray:
         """bool [G]: whether each filled row allows any token (False: a dead end, or a finished grammar)."""
@@ -84,3 +85,12 @@ class GrammarBitmask:
         event.record()
         self._copied[self._current] = event
         return TokenBitmask(on_device, index)
+
+
+def _batch_matcher() -> Any:
+    """xgrammar's batch matcher (fills many rows in C++ threads), or None without xgrammar."""
+    try:
+        import xgrammar
+    except ImportError:
+        return None
+    return xgrammar.BatchGrammarMatcher(max_threads=2)
