@@ -58,15 +58,11 @@ class InputProcessor:
         return self._chat.prepare(messages, params, tools=tools, tool_choice=tool_choice)
 
 
-def token_id_list(prompt: Any) -> list[int]:
-    """A list of plain ints from a list, tuple or 1-D array of integers (numpy's included)."""
+def token_id_list(prompt: Any) -> list:
+    """The ids of a list, tuple or 1-D array of token ids, with numpy's integers as plain ints (anything else is
+    left for ``check_token_ids`` to name)."""
     if hasattr(prompt, "tolist") and getattr(prompt, "ndim", 1) == 1:  # numpy array or torch tensor
         prompt = prompt.tolist()
     if not isinstance(prompt, (list, tuple)):
         raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-    ids = []
-    for t in prompt:
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-            raise ValueError(f"prompt token ids must be ints, got {t!r} ({type(t).__name__})")
-        ids.append(int(t))
-    return ids
+    return [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t for t in prompt]
