@@ -8,7 +8,7 @@ import pytest
 
 from guided_walk import closing_tokens, decoder, random_walk, token_pool, tokenizer, validate  # noqa: F401
 from optimum_nvidia_core.guided import check_json_schema, grammar_from_text, schema_text
-from optimum_nvidia_core.guided.keywords import MAX_DEPTH, enforceable_schema
+from optimum_nvidia_core.guided.keywords import MAX_DEPTH, UNENFORCED, enforceable_schema
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -61,6 +61,7 @@ REFUSED = [
     ({"$defs": {"a": {"$anchor": "A", "type": "integer"}}, "$ref": "#A"}, "'\\$ref' at \\$"),
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^a+$", "maxLength": 2}}},
      "'minLength/maxLength' at \\$.properties.a"),
+    ({"type": "string", "format": "email", "maxLength": 30}, "'minLength/maxLength' at \\$"),
     ({"type": "string", "nullable": True}, "'nullable'"),
     ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "'oneOf' at \\$.*use anyOf"),
     ({"type": "object", "properties": {"deep": {"type": "array", "items": {"not": {"const": 1}}}}},
@@ -135,3 +136,11 @@ def test_annotations_and_enforced_keywords_still_pass():
     ):
         check_json_schema(schema, "guided_json")
         grammar_from_text(schema_text(schema), "guided_json")
+
+
+@pytest.mark.parametrize("keyword", sorted(UNENFORCED))
+def test_every_unenforced_keyword_is_refused_wherever_it_is(keyword):
+    schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer", keyword: {}}}}}
+    with pytest.raises(ValueError, match=f"uses '\\{keyword}' at \\$.properties.a.items" if keyword[0] == "$"
+                       else f"uses '{keyword}' at \\$.properties.a.items"):
+        check_json_schema(schema, "guided_json")
