@@ -8,10 +8,13 @@ Drives the real ``EngineCore.step`` loop on a tiny random LLaMA (hidden 64, 2 la
 forced tool call repeated (an array of at least 64 calls, so no row finishes while it is measured). Per step, in ms:
   step       the whole EngineCore.step
   forward    the model forward (on a GPU: the launch; the GPU work is not host time)
-  fill       filling the guided rows of the bitmask (xgrammar, in place) and queueing its copy
+  logits     the LM head on the sampled rows (device work)
+  sample     the sampler, the grammar mask included (device work on a GPU; on the CPU it runs inline)
+  mask       of which: unpacking and applying the bitmask to the logits
+  fill       filling the guided rows of the bitmask (xgrammar, in place) and queueing its one copy
   accept     advancing the matchers by the sampled tokens
-  mask       unpacking and applying the bitmask to the logits (device work on a GPU; on the CPU it is inline)
-  host       step - forward - mask: the host work the device would wait for
+  host       step - forward - logits - sample: the host work (scheduling, inputs, fill, accept, outputs)
+``fill`` + ``accept`` is what guided rows add to the host's work per step; on a GPU ``mask`` leaves the host.
 The grammar vocabulary is built in the background when the engine starts; this waits for it before measuring,
 and each measurement's grammar is compiled (in the pool) before its steps are timed.
 """
@@ -35,7 +38,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
     "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]},
                                      "days": {"type": "integer", "minimum": 1, "maximum": 14}},
     "required": ["city", "unit", "days"]}}}]
-PARTS = ("step", "forward", "fill", "accept", "mask", "host")
+PARTS = ("step", "forward", "logits", "sample", "mask", "fill", "accept", "host")
 
 
 def write_model(out_dir: Path) -> Path:
@@ -108,7 +111,7 @@ def measure(core, num_seqs: int, num_guided: int, steps: int) -> dict[str, float
     if running != num_seqs:
         raise RuntimeError(f"only {running} of {num_seqs} rows ran the whole measurement")
     ms = {part: 1e3 * timers.totals[part] / steps for part in PARTS[:-1]}
-    ms["host"] = ms["step"] - ms["forward"] - ms["mask"]
+    ms["host"] = ms["step"] - ms["forward"] - ms["logits"] - ms["sample"]
     return ms
 
 
@@ -122,6 +125,8 @@ def make_core(model_dir: Path, max_batch_size: int, device: str):
     engine = core_module.EngineCore(config)
     timers = Timers()
     timers.wrap(engine.runner.model, "forward", "forward")
+    timers.wrap(engine.runner, "compute_logits", "logits")
+    timers.wrap(engine.runner, "sampler", "sample")
     timers.wrap(engine, "_grammar_masks", "fill")
     timers.wrap(sampler, "apply_token_bitmask", "mask")
     engine.benchmark_timers = timers

@@ -3,8 +3,8 @@
 A mask row is xgrammar's layout: int32 words [ceil(V/32)], bit b of word w set = token 32*w + b allowed. The host
 fills the rows of the guided sequences only (``TokenBitmask.rows`` says which logits rows they constrain), they
 travel to the device in one copy, and the bits are unpacked there with shifts: 32x less to copy than a bool mask,
-and no host sync. One torch implementation for every device (the GPU image has no xgrammar; xgrammar 0.2.9's CPU
-kernel also masked allowed tokens of rows narrower than 8 words, so it is not used).
+and no host sync. One torch implementation for every device: the GPU image has no xgrammar, and xgrammar 0.2.9's
+CPU kernel masked an allowed token when tried here (2 rows of 4 tokens), so it is not used.
 """
 from __future__ import annotations
 
