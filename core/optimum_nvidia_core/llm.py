@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 from .config import EngineConfig
 from .hub import DEFAULT_MODEL
 from .outputs import Completion, RequestOutput
+from .request_checks import prompt_list
 from .request_stream import EngineError, RequestStream
 from .sampling_params import SamplingParams
 from .tool_stream import ToolCallStream
@@ -96,7 +97,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Whole results, one per prompt; all prompts run in one in-flight batch. An exception while waiting (a
         timeout signal, Ctrl-C) aborts every one of them."""
-        prompts = _prompt_list(prompts)
+        prompts = prompt_list(prompts)
         params_list = _params_per_prompt(params, len(prompts))
         streams: list[RequestStream] = []
         try:
@@ -201,22 +202,6 @@ def collect(deltas: Iterable[RequestOutput]) -> RequestOutput:
         finished=True, usage=last.usage, metrics=last.metrics, logprobs=first.logprobs, choices=ordered,
         tool_calls=last.tool_calls,
     )
-
-
-def _prompt_list(prompts: Any) -> list[Prompt]:
-    """One prompt (text or token ids) or a list of them, as a list; anything else is a TypeError that says what
-    to pass (a generator is consumed once, so it is refused rather than silently emptied)."""
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                    and isinstance(prompts[0], numbers.Integral)):
-        return [prompts]
-    if hasattr(prompts, "tolist") and getattr(prompts, "ndim", None) == 1:  # one prompt as an array of ids
-        return [prompts]
-    if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts must be a str, a list of token ids, or a list of those; got "
-                        f"{type(prompts).__name__} (wrap a generator in list(...))")
-    if not prompts:
-        raise ValueError("prompts is empty; pass at least one prompt")
-    return list(prompts)
 
 
 def _params_per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:

@@ -39,6 +39,8 @@ class EngineCore:
         self.vocab_size = loaded.vocab_size
         self.runner = ModelRunner(loaded.model, config, self.device, self.dtype, self.max_seq_len, self.eos_token_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        # One sequence can never hold more than the whole cache (a small num_kv_blocks): that is its context.
+        self.max_seq_len = min(self.max_seq_len, self.runner.num_blocks * config.block_size)
         self.scheduler = Scheduler(config.max_batch_size, config.max_num_tokens, self.block_manager)
         self.requests: dict[str, Request] = {}
         self._in_flight = None  # (ScheduledBatch, LaunchedStep) queued on the device, collected by the next step()
