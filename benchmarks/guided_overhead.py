@@ -1,10 +1,11 @@
 """Host time per decode step with 0, 1 and N guided (grammar-constrained) rows in a batch (issue 13 item 4).
 
     PYTHONPATH=core:. python benchmarks/guided_overhead.py [--seqs 64] [--guided 0,1,64] [--steps 30]
-        [--device cpu|cuda] [--out results.json]
+        [--device cpu|cuda] [--tokenizer DIR] [--out results.json]
 
-Drives the real ``EngineCore.step`` loop on a tiny random LLaMA (hidden 64, 2 layers) whose vocabulary is SmolLM2's
-(49,152 tokens, so JSON tokens exist and a mask row is 1,536 words). Every row decodes; the guided ones generate a
+Drives the real ``EngineCore.step`` loop on a tiny random LLaMA (hidden 64, 2 layers) whose vocabulary is a real
+tokenizer's (default SmolLM2's, 49,152 tokens, so JSON tokens exist and a mask row is 1,536 words; ``--tokenizer``
+takes a directory with tokenizer.json and tokenizer_config.json, e.g. copied to a GPU machine without the model). Every row decodes; the guided ones generate a
 forced tool call repeated (an array of at least 64 calls, so no row finishes while it is measured). Per step, in ms:
   step       the whole EngineCore.step
   forward    the model forward (on a GPU: the launch; the GPU work is not host time)
@@ -41,17 +42,25 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 PARTS = ("step", "forward", "logits", "sample", "mask", "fill", "accept", "host")
 
 
-def write_model(out_dir: Path) -> Path:
-    """A tiny random checkpoint with SmolLM2's tokenizer files and vocabulary size."""
-    from optimum_nvidia_core.hub import DEFAULT_MODEL, resolve_model
+def write_model(out_dir: Path, tokenizer_dir: Path | None) -> tuple[Path, int]:
+    """A tiny random checkpoint with a real tokenizer's files and vocabulary size (rounded up to 64, as padded
+    embeddings are). Returns (its directory, the vocabulary size)."""
+    from transformers import AutoTokenizer
+
     from tests.tiny_models import write_tiny_checkpoint
 
-    smollm2 = resolve_model(DEFAULT_MODEL)
-    write_tiny_checkpoint(out_dir, "llama3", seed=0, vocab_size=49152, bos_token_id=1, eos_token_id=2,
-                          pad_token_id=2)
+    if tokenizer_dir is None:
+        from optimum_nvidia_core.hub import DEFAULT_MODEL, resolve_model
+
+        tokenizer_dir = resolve_model(DEFAULT_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    vocab = -(-len(tokenizer) // 64) * 64
+    eos = tokenizer.eos_token_id
+    write_tiny_checkpoint(out_dir, "llama3", seed=0, vocab_size=vocab, bos_token_id=tokenizer.bos_token_id or eos,
+                          eos_token_id=eos, pad_token_id=eos)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2 / name, out_dir / name)
-    return out_dir
+        shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
+    return out_dir, vocab
 
 
 def guided_schema() -> dict:
@@ -145,15 +154,17 @@ def main() -> None:
     parser.add_argument("--guided", default="0,1,64", help="how many of them are guided, per measurement")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: SmolLM2's)")
     parser.add_argument("--out", type=Path, help="write the numbers as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     counts = [int(n) for n in args.guided.split(",")]
-    results = {"device": args.device, "seqs": args.seqs, "steps": args.steps, "vocab": 49152, "rows": {}}
+    results = {"device": args.device, "seqs": args.seqs, "steps": args.steps, "rows": {}}
     if args.device == "cuda":
         results["gpu"] = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory() as tmp:
-        core, timers = make_core(write_model(Path(tmp)), args.seqs, args.device)
+        model_dir, results["vocab"] = write_model(Path(tmp), args.tokenizer)
+        core, timers = make_core(model_dir, args.seqs, args.device)
         wrap_accept(timers)
         core._guided.stop_token_ids  # wait for the background vocabulary: steady state is what is measured
         print(f"{'guided':>6} " + " ".join(f"{p:>9}" for p in PARTS) + f"  (ms per decode step, {args.seqs} rows, "
