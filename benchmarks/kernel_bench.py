@@ -114,7 +114,7 @@ def gemm_rows(m_values=(1, 16, 64), configs=None, shapes=GEMM_SHAPES) -> list[di
 def attention_rows() -> list[dict]:
     """Paged decode attention, Llama-2-7B (32 KV heads) and Llama-3-8B (8 KV heads) layer shapes."""
     from optimum_nvidia_core.kernels import paged_attention
-    from optimum_nvidia_core.layers.attention_metadata import AttentionMetadata
+    from optimum_nvidia_core.attention_metadata import AttentionMetadata
 
     rows = []
     block_size = 16

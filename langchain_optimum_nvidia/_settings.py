@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from langchain_core.language_models.base import LangSmithParams
-from pydantic import model_validator
 
 from optimum_nvidia_core.plugin_options import SAMPLING_FIELDS, PluginOptions
 
@@ -22,20 +21,7 @@ REMOTE_API_ARGS = frozenset({"api_key", "base_url", "timeout", "request_timeout"
 class OptimumNvidiaFields(PluginOptions):
     """The shared engine and sampling fields, plus what LangChain asks of every model."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _check_arguments(cls, values: Any) -> Any:
-        if not isinstance(values, dict):
-            return values
-        values = {k: v for k, v in values.items() if k not in REMOTE_API_ARGS}
-        known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"{cls.__name__} got unknown argument(s) {unknown}. Engine options go in model_kwargs "
-                f"(e.g. model_kwargs={{'num_kv_blocks': 512}}); sampling fields are {list(SAMPLING_FIELDS)}."
-            )
-        return values
+    ignored_arguments = REMOTE_API_ARGS
 
     # ---- tracing ---------------------------------------------------------------------------------------
     def identifying_params(self) -> dict[str, Any]:

@@ -118,8 +118,6 @@ class OptimumNvidia(OptimumNvidiaFields, BaseLLM):
 
 
 def _chunk(delta: RequestOutput, model_name: str) -> GenerationChunk:
-    if delta.error:
-        raise RuntimeError(f"generation failed in the engine: {delta.error}")
     if not delta.finished:
         return GenerationChunk(text=delta.text)
     info = {**response_metadata(delta, model_name), "usage": dict(usage_metadata(delta.usage))}

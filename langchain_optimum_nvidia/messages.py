@@ -82,8 +82,6 @@ def _text(message: BaseMessage, role: str) -> str:
 # ---- core -> LangChain ------------------------------------------------------------------------------------
 def chunk_message(delta: RequestOutput, model_name: str) -> AIMessageChunk:
     """One streamed delta as an AIMessageChunk; only the last one carries tool calls, usage and metadata."""
-    if delta.error:
-        raise RuntimeError(f"generation failed in the engine: {delta.error}")
     if not delta.finished:
         return AIMessageChunk(content=delta.text)
     return AIMessageChunk(

@@ -22,7 +22,7 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, model_validator
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
@@ -56,25 +56,15 @@ class OptimumNvidiaLLM(PluginOptions, FunctionCallingLLM):
     ``PluginOptions``, shared with the LangChain plugin.
     """
 
+    # LlamaIndex's serialized form names the class; it is not an option.
+    ignored_arguments = frozenset({"class_name"})
+
     # ---- completion ----
     complete_with_chat_template: bool = Field(
         True,
         description="complete()/stream_complete() send the prompt as one user message through the chat template "
         "(instruct models answer it); False, or formatted=True, sends the text raw for plain continuation.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unknown_arguments(cls, values: Any) -> Any:
-        # pydantic would drop a misspelt option silently; a typo must not change what runs.
-        if isinstance(values, dict):
-            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias} | {"class_name"}
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise ValueError(f"{cls.__name__} got unknown argument(s) {unknown}. Engine options go in "
-                                 "model_kwargs (e.g. model_kwargs={'num_kv_blocks': 512}); the fields are listed in "
-                                 "the class documentation")
-        return values
 
     @classmethod
     def class_name(cls) -> str:

@@ -128,11 +128,6 @@ def to_tool_choice(tool_choice: str | dict[str, Any] | None, tool_required: bool
 
 
 # ---- core -> LlamaIndex -----------------------------------------------------------------------------------
-def check_delta(delta: RequestOutput) -> None:
-    if delta.error or delta.finish_reason == "error":
-        raise RuntimeError(f"generation failed in the engine: {delta.error or 'unknown error'}")
-
-
 def response_kwargs(delta: RequestOutput, model_name: str) -> dict[str, Any]:
     """additional_kwargs of a finished response: token counts (OpenAI names), finish reason and timings."""
     if not delta.finished:
@@ -167,7 +162,6 @@ def _responses(deltas: Iterator[RequestOutput], make: Callable, model_name: str)
     """One LlamaIndex response per core delta: ``make(text so far, delta, model_name)``."""
     text = ""
     for delta in deltas:
-        check_delta(delta)
         text += delta.text
         yield make(text, delta, model_name)
 
@@ -175,7 +169,6 @@ def _responses(deltas: Iterator[RequestOutput], make: Callable, model_name: str)
 async def _aresponses(deltas: AsyncIterator[RequestOutput], make: Callable, model_name: str) -> AsyncIterator:
     text = ""
     async for delta in deltas:
-        check_delta(delta)
         text += delta.text
         yield make(text, delta, model_name)
 

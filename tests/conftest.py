@@ -83,7 +83,7 @@ class PagedRunner:
     @torch.no_grad()
     def step(self, chunks: list[tuple[int, list[int]]]) -> torch.Tensor:
         """chunks [(seq_id, token ids)] -> logits [T, vocab] float32 for every token of the flat batch."""
-        from optimum_nvidia_core.layers.attention_metadata import AttentionMetadata
+        from optimum_nvidia_core.attention_metadata import AttentionMetadata
 
         input_ids, positions, slots, query_lens, context_lens, tables = [], [], [], [], [], []
         for seq_id, tokens in chunks:

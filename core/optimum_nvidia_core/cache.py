@@ -8,7 +8,7 @@ The entries, as build/engine_dir.py and hub.py write them:
     models/<name>-gguf-v<N>/                   a converted checkpoint (conversion.json, written by hub.convert_gguf)
     models/.<name>-gguf-v<N>.tmp-*/            the leftover of a killed conversion
 Anything else, and anything behind a symbolic link (this package never makes one), is left alone. Lock files
-(engines/<key>.lock, models/.<name>.lock) stay: deleting one that a running build holds would let a second build
+(engines/.<key>.lock, models/.<name>.lock) stay: deleting one that a running build holds would let a second build
 in. An entry whose lock a running build holds is skipped.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .hub import project_cache_dir
+from .cache_dir import cache_root
 
 ENGINES, MODELS = "engines", "models"
 _KEY = r"[0-9a-f]{32}"  # engine_dir.cache_key: 32 hex digits
@@ -40,13 +40,13 @@ class CacheEntry:
 
 def cache_entries(root: Path | None = None) -> list[CacheEntry]:
     """The entries under ``root`` (default: the project cache), engines first."""
-    root = project_cache_dir() if root is None else Path(root)
+    root = cache_root() if root is None else Path(root)
     return _engine_entries(_real_dir(root / ENGINES)) + _model_entries(_real_dir(root / MODELS))
 
 
 def foreign_paths(root: Path | None = None) -> list[Path]:
     """What else is under ``root`` (top level, and inside engines/ and models/): files this package did not write."""
-    root = project_cache_dir() if root is None else Path(root)
+    root = cache_root() if root is None else Path(root)
     ours = {e.path for e in cache_entries(root)} | {root / ENGINES, root / MODELS}
     top = _children(root if root.is_dir() else None)  # the root itself may be a link the user made
     candidates = top + _children(_real_dir(root / ENGINES)) + _children(_real_dir(root / MODELS))
@@ -82,7 +82,7 @@ def _engine_entries(engines: Path | None) -> list[CacheEntry]:
         else:
             continue
         if kind is not None:
-            found.append(CacheEntry(path, kind, dir_size(path), engines / f"{key}.lock"))
+            found.append(CacheEntry(path, kind, dir_size(path), engines / f".{key}.lock"))
     return found
 
 
@@ -114,7 +114,7 @@ def _model_entries(models: Path | None) -> list[CacheEntry]:
 
 def _is_lock_file(path: Path) -> bool:
     name = path.name
-    return path.is_file() and (re.fullmatch(rf"{_KEY}\.lock", name) is not None
+    return path.is_file() and (re.fullmatch(rf"\.{_KEY}\.lock", name) is not None
                                or re.fullmatch(rf"\.{_CONVERTED.pattern}\.lock", name) is not None)
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .cache import cache_entries, foreign_paths, remove_entries
-from .hub import DEFAULT_MODEL, project_cache_dir
+from .cache_dir import cache_root
+from .hub import DEFAULT_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # core/optimum_nvidia_core/cli.py -> the source checkout
 BENCH_SCRIPT = REPO_ROOT / "benchmarks" / "bench.py"
@@ -177,7 +178,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         fp8 = "supported" if (major, minor) >= (8, 9) else "not supported (needs compute capability 8.9+)"
         print(f"GPU {index}: {props.name}, compute capability {major}.{minor}, "
               f"{props.total_memory / 2**30:.1f} GiB; FP8: {fp8}")
-    root = project_cache_dir()
+    root = cache_root()
     entries = cache_entries(root)
     total = sum(entry.size for entry in entries)
     print(f"Cache: {root} ({len(entries)} entries, {human_size(total)})")
@@ -190,7 +191,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     """``cache clear``: delete the cache's entries (engines, converted models, leftovers of killed builds). Only
     what this package wrote is touched, recognized by its layout and manifest: other files under the cache root
     are left alone."""
-    root = project_cache_dir()
+    root = cache_root()
     removed, busy = remove_entries(cache_entries(root))
     print(f"Removed {len(removed)} cache entries ({human_size(sum(e.size for e in removed))}) from {root}")
     for entry in busy:
@@ -239,10 +240,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _engine_location(llm: Any) -> str:
-    location = getattr(llm, "model_dir", None)
-    if location is None:  # older facades: the engine keeps what it loaded
-        location = getattr(getattr(llm.engine, "loaded", None), "model_dir", None)
-    return str(location or llm.config.model)
+    return str(llm.engine.loaded.model_dir)
 
 
 # -------------------------------------------------------------------------------------------------- parser

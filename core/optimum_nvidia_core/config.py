@@ -5,12 +5,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Options that change the built engine (weights, scales, shapes). Everything else is a runtime choice.
-BUILD_OPTIONS = (
-    "use_fp8", "kv_cache_dtype", "activation_scheme", "weight_rounding", "dtype", "calibration_samples",
-    "calibration_max_length",
-)
-
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -60,6 +54,3 @@ class EngineConfig(BaseModel):
             raise ValueError(f"max_num_tokens ({self.max_num_tokens}) must be >= max_batch_size "
                              f"({self.max_batch_size}); raise max_num_tokens or lower max_batch_size")
         return self
-
-    def build_options(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in BUILD_OPTIONS}

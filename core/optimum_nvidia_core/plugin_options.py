@@ -1,69 +1,98 @@
 """The engine and sampling options that both plugins expose as fields, and what they turn into.
 
-``PluginOptions`` is a pydantic model that the LangChain and LlamaIndex classes inherit next to their framework's
-base class (pydantic merges the fields), so both show the same fields with the same docs and errors. It only
-turns fields and per-call arguments into core arguments: the engine comes from the core's shared registry
-(``llm.get_llm``), so every object built on the same model and engine options shares one engine, one engine thread
-and one in-flight batch. Pydantic only here: no LangChain or LlamaIndex import.
+The fields are generated from ``EngineConfig`` and ``SamplingParams`` (type, bounds, description), never declared
+here, so a bound changed in the core changes in both plugins. ``PluginOptions`` is a pydantic model that the
+LangChain and LlamaIndex classes inherit next to their framework's base class (pydantic merges the fields), so both
+show the same fields with the same docs and errors. It only turns fields and per-call arguments into core
+arguments: the engine comes from the core's shared registry (``llm.get_llm``), so every object built on the same
+model and engine options shares one engine, one engine thread and one in-flight batch. Pydantic only here: no
+LangChain or LlamaIndex import.
 """
 from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any, Literal
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr, create_model, model_validator
+from pydantic.fields import FieldInfo
 
+from .config import EngineConfig
 from .hub import DEFAULT_MODEL
 from .sampling_params import SamplingParams
 
-# Engine options exposed as fields (same names as optimum_nvidia_core.config.EngineConfig).
+# Engine options exposed as fields: EngineConfig's own declarations (type, default, bounds, docs).
 ENGINE_FIELDS = ("use_fp8", "kv_cache_dtype", "max_batch_size", "max_seq_len", "calibration_dataset", "device")
-# Sampling options exposed as fields (same names as SamplingParams).
+# Sampling options exposed as fields: SamplingParams' declarations, defaulting to None ("the request's default").
 SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "max_tokens",
     "stop", "seed",
 )
 
 
-class PluginOptions(BaseModel):
-    """Engine and sampling fields; a field left at None uses the engine's / SamplingParams' default."""
+def _engine_field(name: str) -> tuple[Any, FieldInfo]:
+    source = EngineConfig.model_fields[name]
+    return source.annotation, FieldInfo.merge_field_infos(source)
+
+
+def _sampling_field(name: str) -> tuple[Any, FieldInfo]:
+    """SamplingParams' field with the same bounds and docs, but None by default: LangChain's convention, so a
+    model's fields and its traces show only what the user chose."""
+    source = SamplingParams.model_fields[name]
+    default = source.get_default(call_default_factory=True)
+    description = source.description if default is None else f"{source.description} Unset: {default!r}."
+    return source.annotation | None, FieldInfo.merge_field_infos(
+        source, default=None, default_factory=None, description=description
+    )
+
+
+# One declaration rules: the plugins' option fields are generated from the core's.
+_CoreOptionFields = create_model(
+    "_CoreOptionFields",
+    __module__=__name__,
+    **{name: _engine_field(name) for name in ENGINE_FIELDS},
+    **{name: _sampling_field(name) for name in SAMPLING_FIELDS},
+)
+
+
+class PluginOptions(_CoreOptionFields):
+    """Engine and sampling fields (see ENGINE_FIELDS and SAMPLING_FIELDS), validated as the core validates them."""
 
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=(), arbitrary_types_allowed=True)
+    # Arguments a framework passes that are not options (dropped before the unknown-argument check).
+    ignored_arguments: ClassVar[frozenset[str]] = frozenset()
 
     model_id: str = Field(
         DEFAULT_MODEL, alias="model",
         description="Hugging Face model id, local checkpoint directory or engine directory (alias: model).",
     )
-    # ---- engine options (part of the shared engine's identity) ----
-    use_fp8: bool = Field(False, description="FP8 (e4m3) weights and activations; built once and cached.")
-    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="'fp8' stores the KV cache in e4m3.")
-    max_batch_size: int | None = Field(None, ge=1, description="Most sequences in one engine step.")
-    max_seq_len: int | None = Field(None, ge=16, description="Prompt + output tokens; default: the model's limit.")
-    calibration_dataset: Any = Field(
-        None, description="FP8 calibration text: strings, an iterable of strings or a datasets.Dataset."
-    )
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Other engine options passed to optimum_nvidia_core.LLM (e.g. num_kv_blocks, block_size, dtype).",
     )
-    # ---- sampling ----
-    temperature: float | None = Field(None, ge=0.0, description="0 is greedy; None: the core's default (1.0).")
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int | None = Field(None, ge=0, description="Sample among the k most likely tokens; 0 disables.")
-    repetition_penalty: float | None = Field(
-        None, gt=0.0, description="> 1 discourages tokens already in the prompt or the output."
-    )
-    presence_penalty: float | None = Field(
-        None, ge=-2.0, le=2.0, description="> 0 discourages tokens already in the output (OpenAI semantics)."
-    )
-    frequency_penalty: float | None = Field(
-        None, ge=-2.0, le=2.0, description="> 0 discourages tokens in proportion to their count in the output."
-    )
-    max_tokens: int | None = Field(None, ge=1, description="Most new tokens; None: the core's default (256).")
-    stop: list[str] | None = Field(None, description="Stop strings; matched across tokens and never emitted.")
-    seed: int | None = Field(None, ge=0, description="Same seed, same output, whatever batch the request shares.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_arguments(cls, values: Any) -> Any:
+        # pydantic would drop a misspelt option silently; a typo must not change what runs.
+        if not isinstance(values, dict):
+            return values
+        values = {k: v for k, v in values.items() if k not in cls.ignored_arguments}
+        known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__} got unknown argument(s) {unknown}. Engine options go in model_kwargs "
+                f"(e.g. model_kwargs={{'num_kv_blocks': 512}}); sampling fields are {list(SAMPLING_FIELDS)}."
+            )
+        return values
+
+    @model_validator(mode="after")
+    def _check_with_the_core(self) -> "PluginOptions":
+        # The core's own checks (cross-field ones, unknown model_kwargs), at construction rather than first use.
+        EngineConfig(model=self.model_id, **self.engine_options())
+        SamplingParams(**self._sampling_values())
+        return self
 
     # model id (this object's, or a per-call override) -> the shared core LLM handle
     _llm_handles: dict[str, Any] = PrivateAttr(default_factory=dict)
@@ -114,11 +143,17 @@ class PluginOptions(BaseModel):
                 f"SamplingParams fields ({', '.join(SamplingParams.model_fields)}) and, for chat, tools and "
                 "tool_choice"
             )
-        values = {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
+        values = self._sampling_values()
         values.update({k: v for k, v in overrides.items() if v is not None})
         if stop is not None:
             values["stop"] = stop
         return SamplingParams(**values)
+
+    def _sampling_values(self) -> dict[str, Any]:
+        """The sampling fields that were set. None set explicitly reaches the core where None means something
+        there (max_tokens=None: up to the context window); elsewhere None is the same as unset."""
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS
+                if getattr(self, name) is not None or (name in self.model_fields_set and _core_accepts_none(name))}
 
     # ---- tokenizer -------------------------------------------------------------------------------------
     def tokenizer(self) -> Any:
@@ -130,6 +165,11 @@ class PluginOptions(BaseModel):
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` with the model's tokenizer (never a download of another tokenizer)."""
         return list(self.tokenizer().encode(text, add_special_tokens=False))
+
+
+def _core_accepts_none(name: str) -> bool:
+    field = SamplingParams.model_fields[name]
+    return field.default is None or type(None) in getattr(field.annotation, "__args__", ())
 
 
 @functools.lru_cache(maxsize=8)

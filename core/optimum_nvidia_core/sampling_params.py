@@ -27,13 +27,21 @@ class SamplingParams(BaseModel):
     )
     min_tokens: int = Field(0, ge=0, description="EOS and stop strings are ignored before this many tokens.")
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 means greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest set of tokens holding this mass."
+    )
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(
-        1.0, ge=0.01, le=10.0, description="> 1 discourages repeats; logits are divided by it, so it stays >= 0.01.")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+        1.0, ge=0.01, le=10.0, description="> 1 discourages tokens already in the prompt or the output; logits are "
+        "divided by it, so it stays >= 0.01."
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="> 0 discourages tokens already in the output (OpenAI semantics)."
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="> 0 discourages tokens in proportion to their count in the output."
+    )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same output, whatever batch it shares.")
     stop: list[str] = Field(default_factory=list, description="Stop strings; matched across tokens, never emitted.")
     stop_token_ids: list[int] = Field(default_factory=list)

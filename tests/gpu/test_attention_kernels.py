@@ -13,7 +13,7 @@ FP8 = torch.float8_e4m3fn
 
 def make_batch(query_lens, context_lens, num_kv_heads, head_dim, block_size, device):
     """Random block tables (shuffled physical blocks) and the AttentionMetadata of one step."""
-    from optimum_nvidia_core.layers.attention_metadata import AttentionMetadata
+    from optimum_nvidia_core.attention_metadata import AttentionMetadata
 
     blocks_per_seq = [math.ceil(c / block_size) for c in context_lens]
     num_blocks = sum(blocks_per_seq) + 3  # spare blocks that nobody owns

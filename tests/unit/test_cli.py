@@ -49,6 +49,7 @@ def test_build_info_and_cache_clear(tiny_llama_dir, tmp_path):
     assert "Engine ready" in built.stdout
     engines = [p for p in cache.rglob("manifest.json")]
     assert len(engines) == 1, "the FP8 engine is cached under $OPTIMUM_NVIDIA_CACHE"
+    assert f"Loaded from {engines[0].parent};" in built.stdout
 
     info = run_cli("info", cache=cache)
     assert info.returncode == 0, info.stderr

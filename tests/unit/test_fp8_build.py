@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.checkpoint import write_random_checkpoint
 from optimum_nvidia_core.build import (
     Fp8Recipe, build_fp8_engine, check_fp8_supported, load_engine, perplexity, quantize_model, read_manifest,
 )
@@ -15,9 +16,10 @@ from optimum_nvidia_core.build.calibration import (
 from optimum_nvidia_core.build.calibration_text import CALIBRATION_TEXTS
 from optimum_nvidia_core.build.scratch_prefill import prefill
 from optimum_nvidia_core.config import EngineConfig
-from optimum_nvidia_core.layers.fp8_linear import FP8_DTYPE, Fp8Linear
+from optimum_nvidia_core.e4m3 import FP8_DTYPE
+from optimum_nvidia_core.layers.fp8_linear import Fp8Linear
 from optimum_nvidia_core.layers.linear import Linear
-from optimum_nvidia_core.models.loader import load_model, write_random_checkpoint
+from optimum_nvidia_core.models.loader import load_model
 
 
 def make_tiny_checkpoint(out_dir: Path, seed: int = 0) -> Path:

@@ -2,7 +2,8 @@
 import torch
 
 from optimum_nvidia_core.build.gptq import gptq_quantize_weight
-from optimum_nvidia_core.layers.fp8_linear import FP8_DTYPE, quantize_weight
+from optimum_nvidia_core.e4m3 import FP8_DTYPE
+from optimum_nvidia_core.layers.fp8_linear import quantize_weight
 
 
 def _output_error(x: torch.Tensor, weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> float:

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from optimum_nvidia_core.layers.fp8_linear import FP8_DTYPE, FP8_MAX, Fp8Linear, quantize_fp8, quantize_weight
+from optimum_nvidia_core.e4m3 import FP8_DTYPE, FP8_MAX, quantize_fp8
+from optimum_nvidia_core.layers.fp8_linear import Fp8Linear, quantize_weight
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -105,3 +106,20 @@ def test_zero_input_gives_finite_output():
     fp8 = Fp8Linear.from_linear(_linear(), input_absmax=None)
     out = fp8(torch.zeros(3, 256))
     assert torch.isfinite(out).all()
+
+
+def test_e4m3_constants_have_one_home():
+    """448 (the e4m3 bound) and the smallest scale are written once, in e4m3.py; everything else imports them."""
+    import ast
+    from pathlib import Path
+
+    import optimum_nvidia_core
+
+    root = Path(optimum_nvidia_core.__file__).parent
+    copies = [
+        f"{path.relative_to(root)}:{node.lineno}"
+        for path in sorted(root.rglob("*.py")) if path.name != "e4m3.py"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float) and node.value in (448, 1e-12)
+    ]
+    assert copies == []

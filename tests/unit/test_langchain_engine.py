@@ -4,6 +4,7 @@ weights, because decoding is constrained)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Literal
 
 import pytest
@@ -140,16 +141,28 @@ def test_forced_tool_call_is_valid_even_from_random_weights(chat):
     assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [(call["name"], call["args"])]
 
 
-def test_tool_history_round_trips(chat):
-    history = [
+def _tool_history(args: dict, result: str) -> list:
+    return [
         SystemMessage("You add numbers."),
         HumanMessage("What is 2 plus 3?"),
-        AIMessage("", tool_calls=[{"name": "add", "args": {"a": 2, "b": 3}, "id": "call_1", "type": "tool_call"}]),
-        ToolMessage("5", tool_call_id="call_1", name="add"),
+        AIMessage("", tool_calls=[{"name": "add", "args": args, "id": "call_1", "type": "tool_call"}]),
+        ToolMessage(result, tool_call_id="call_1", name="add"),
     ]
-    answer = chat.bind_tools([add]).invoke(history, **TEXT)
-    assert isinstance(answer, AIMessage)
-    assert answer.usage_metadata["input_tokens"] > chat.invoke(history[:2], **TEXT).usage_metadata["input_tokens"]
+
+
+def test_tool_history_round_trips(chat):
+    bound = chat.bind_tools([add])
+
+    def prompt_tokens(messages) -> int:
+        return bound.invoke(messages, max_tokens=1, **TEXT).usage_metadata["input_tokens"]
+
+    base = prompt_tokens(_tool_history({"a": 2, "b": 3}, "5"))
+    # The prompt grows with what the call and the result say, so both reached it (not only the turns' markers).
+    assert prompt_tokens(_tool_history({"a": 2222222222, "b": 3}, "5")) > base
+    assert prompt_tokens(_tool_history({"a": 2, "b": 3}, "5, the sum of two and three")) > base
+    assert base > prompt_tokens(_tool_history({"a": 2, "b": 3}, "5")[:2])
+    answer = bound.invoke(_tool_history({"a": 2, "b": 3}, "5"), **TEXT)
+    assert isinstance(answer, AIMessage) and answer.usage_metadata["input_tokens"] == base
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
@@ -164,8 +177,12 @@ def test_structured_output_is_always_valid(tiny_dir, method):
 
 def test_json_mode_gives_a_json_object(tiny_dir):
     chat = ChatOptimumNvidia(**_options(tiny_dir, max_tokens=64))
-    result = chat.with_structured_output(None, method="json_mode").invoke("Reply in JSON.")
-    assert isinstance(result, dict)
+    result = chat.with_structured_output(None, method="json_mode", include_raw=True).invoke("Reply in JSON.")
+    raw, parsed = result["raw"], result["parsed"]
+    assert result["parsing_error"] is None
+    assert raw.response_metadata["finish_reason"] == "stop"  # the grammar closed the object before max_tokens
+    assert isinstance(parsed, dict) and json.loads(raw.content) == parsed  # the whole reply is that one object
+    assert chat.with_structured_output(None, method="json_mode").invoke("Reply in JSON.") == parsed  # greedy
 
 
 def test_token_ids_use_the_models_tokenizer(chat):

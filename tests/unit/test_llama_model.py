@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optimum_nvidia_core.models.loader import (
-    build_model, checkpoint_tensors, hf_weight_shapes, load_model, load_weights, write_random_checkpoint,
-)
+from benchmarks.checkpoint import hf_weight_shapes, write_random_checkpoint
+from optimum_nvidia_core.models.loader import build_model, checkpoint_tensors, load_model, load_weights
 
 FAMILIES = ["llama2", "llama3", "llama_bias", "mistral", "qwen2", "qwen2_sliding", "smollm2"]
 SEQ_A = [(13 * i + 5) % 500 + 3 for i in range(23)]  # longer than the sliding window (8) and 5 blocks of 4

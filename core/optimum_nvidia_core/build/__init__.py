@@ -8,9 +8,8 @@
     perplexity(model, token_ids, kv_cache_dtype="auto") -> float
 """
 from optimum_nvidia_core.build.builder import build_fp8_engine, load_engine, make_manifest, save_engine
-from optimum_nvidia_core.build.engine_dir import (
-    EngineDirError, cache_key, engine_cache_root, get_or_build, read_manifest, verify_engine_dir,
-)
+from optimum_nvidia_core.build.engine_cache import engine_cache_root, get_or_build
+from optimum_nvidia_core.build.engine_dir import EngineDirError, cache_key, read_manifest, verify_engine_dir
 from optimum_nvidia_core.build.perplexity import perplexity
 from optimum_nvidia_core.build.quantize import Fp8Recipe, check_fp8_supported, quantize_model
 

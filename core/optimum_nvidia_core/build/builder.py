@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from optimum_nvidia_core import cache_dir
 from optimum_nvidia_core.build import calibration, engine_dir
 from optimum_nvidia_core.build.quantize import (
     Fp8Recipe, check_fp8_supported, kv_scales, quantize_model, set_kv_scales, swap_in_empty_fp8,
 )
+from optimum_nvidia_core.devices import pick_device, pick_dtype
 from optimum_nvidia_core.layers.fp8_linear import Fp8Linear
 
 WEIGHTS_NAME = "model.safetensors"
@@ -29,8 +31,6 @@ _SAMPLE_BYTES = 4 << 20
 
 def resolve_device_dtype(config) -> tuple[torch.device, torch.dtype]:
     """config.device / config.dtype with 'auto' resolved exactly as the engine resolves them."""
-    from optimum_nvidia_core.engine.loading import pick_device, pick_dtype
-
     device = pick_device(config.device)
     return device, pick_dtype(config.dtype, device)
 
@@ -172,7 +172,7 @@ def save_engine(model: nn.Module, tokenizer_src_dir: Path, out_dir: Path, manife
     manifest = {k: v for k, v in manifest.items() if k not in ("files", "checksum", "created")}
     k, v = kv_scales(model)
     manifest["kv_scales"] = {"k": k, "v": v}
-    tmp = engine_dir.temp_dir_for(out_dir)
+    tmp = cache_dir.temp_dir_for(out_dir)
     try:
         _copy_support_files(src, tmp)
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})

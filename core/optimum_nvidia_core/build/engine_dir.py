@@ -1,4 +1,4 @@
-"""Engine directories: manifest, cache key, checksums, atomic write, and build-once under a file lock.
+"""Engine directories: manifest, cache key, checksums, atomic write (build/engine_cache.py builds them once).
 
 An engine directory holds quantized weights (safetensors), scales, tokenizer files, config.json and manifest.json.
 The manifest's ``identity`` (format version, source weights, device, versions, recipe, calibration data hash)
@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from optimum_nvidia_core import cache_dir
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -29,23 +27,9 @@ _HASH_CHUNK = 16 << 20
 # before hashing. Loading again skips the hashing only while every stamp is unchanged (a rewrite changes ctime).
 _verified: dict[str, tuple] = {}
 
-logger = logging.getLogger(__name__)
-
 
 class EngineDirError(RuntimeError):
     """An engine directory is missing, partial, corrupted or was built for something else."""
-
-
-def engine_cache_root() -> Path:
-    """<project cache>/engines: $OPTIMUM_NVIDIA_CACHE, else the user cache dir (~/.cache/optimum-nvidia), as hub.py."""
-    env = os.environ.get("OPTIMUM_NVIDIA_CACHE")
-    if env:
-        return Path(env).expanduser() / "engines"
-    try:
-        import platformdirs  # lazy: not installed on every GPU machine
-    except ImportError:
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optimum-nvidia" / "engines"
-    return Path(platformdirs.user_cache_dir("optimum-nvidia")) / "engines"
 
 
 def canonical_json(obj: Any) -> str:
@@ -69,19 +53,6 @@ def _manifest_checksum(manifest: dict) -> str:
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def finalize_engine_dir(out_dir: Path, manifest: dict) -> dict:
     """Hash every file in ``out_dir``, then write manifest.json (last, fsynced). Returns the written manifest."""
     out_dir = Path(out_dir)
@@ -98,7 +69,7 @@ def finalize_engine_dir(out_dir: Path, manifest: dict) -> dict:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out_dir / MANIFEST_NAME)
-    _fsync_dir(out_dir)
+    cache_dir.fsync_dir(out_dir)
     _remember_verified(out_dir)
     return manifest
 
@@ -191,64 +162,8 @@ def verify_engine_dir(engine_dir: Path, expected_key: str | None = None) -> dict
     return manifest
 
 
-def _remove_tree(path: Path) -> None:
-    """Move ``path`` out of the way with one rename (atomic), then delete it."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Rename a finished ``tmp_dir`` to ``final_dir``, replacing an old engine there."""
-    _remove_tree(final_dir)
-    os.replace(tmp_dir, final_dir)
-    _fsync_dir(final_dir.parent)
+    cache_dir.publish(tmp_dir, final_dir)
     _verified.pop(str(final_dir.resolve()), None)
     _remember_verified(final_dir)
-
-
-def temp_dir_for(final_dir: Path) -> Path:
-    """A fresh temporary directory next to ``final_dir`` (same filesystem, so the final rename is atomic)."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
-
-
-def _remove_stale_temps(root: Path, key: str) -> None:
-    """Leftovers of killed builds of this key. Called under the key's lock, so no live builder owns them."""
-    for stale in root.glob(f".tmp-{key}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in root.glob(f".trash-{key}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def get_or_build(model_dir: Path, config, build_fn: Callable | None = None, cache_root: Path | None = None) -> Path:
-    """The verified engine dir for (model_dir, config), building it once if needed. Safe across processes.
-
-    ``build_fn(model_dir, config, out_dir)`` writes a complete engine (weights, tokenizer, manifest via
-    ``save_engine``) into ``out_dir``; default ``build_fp8_engine``. The ``config`` it receives has its calibration
-    data already materialized as a list, so an iterator given by the user is read only once.
-    """
-    from filelock import FileLock
-
-    from optimum_nvidia_core.build.builder import build_fp8_engine, prepare_build
-
-    build_fn = build_fn or build_fp8_engine
-    config, manifest = prepare_build(Path(model_dir), config)
-    key = cache_key(manifest["identity"])
-    root = Path(cache_root) if cache_root is not None else engine_cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    final_dir = root / key
-    with FileLock(str(root / f"{key}.lock")):
-        try:
-            verify_engine_dir(final_dir, expected_key=key)
-            return final_dir
-        except EngineDirError as exc:
-            if final_dir.exists():
-                logger.warning("Rebuilding engine cache entry: %s", exc)
-                _remove_tree(final_dir)
-        _remove_stale_temps(root, key)
-        build_fn(Path(model_dir), config, final_dir)
-        verify_engine_dir(final_dir, expected_key=key)
-    return final_dir

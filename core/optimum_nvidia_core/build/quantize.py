@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from optimum_nvidia_core.layers.fp8_linear import FP8_MAX, MIN_SCALE, Fp8Linear
+from optimum_nvidia_core.e4m3 import FP8_MAX, MIN_SCALE
+from optimum_nvidia_core.layers.fp8_linear import Fp8Linear
 
 # Static scales map HEADROOM x the calibrated absmax to 448. Text unlike the calibration set exceeds the calibrated
 # range (measured on SmolLM2: up to 1.23x), and saturating outliers hurts; e4m3 is a float format, so a 2x larger

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from optimum_nvidia_core.layers.attention_metadata import AttentionMetadata
+from optimum_nvidia_core.attention_metadata import AttentionMetadata
 
 BLOCK_SIZE = 16
 

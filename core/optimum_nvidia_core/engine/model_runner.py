@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention_metadata import AttentionMetadata
 from ..config import EngineConfig
-from ..layers.attention_metadata import AttentionMetadata
 from ..layers.sampler import Sampler, SamplingBatch, unpack_top_logprobs
 from ..layers.token_bitmask import TokenBitmask
 from .scheduler import ScheduledBatch

@@ -2,8 +2,8 @@
 
 Numerics follow transformers' LlamaMLP in bf16: silu is computed in fp32 and rounded, then the product is rounded.
 Feeding an FP8 down projection with a static input scale, the kernel also quantizes that rounded value for it.
-(A dynamic per-row scale would need a whole row per program; measured on an H100 that was slower than SiLU*mul
-followed by kernels.quantize_fp8, so it is not offered.)
+(A dynamic per-row scale would need a whole row per program, which is slower than SiLU*mul followed by
+kernels.quantize_fp8, so it is not offered; benchmarks/NOTES.md has the measurement.)
 """
 from __future__ import annotations
 

@@ -3,12 +3,12 @@
 The input arrives quantized (kernels.fp8_quant: e4m3 [M, K] plus an fp32 scale per row). e4m3 x e4m3 products
 are exact in fp32 and both paths accumulate in fp32, so results differ from the CPU reference only by summation
 order.
-  * M <= 256 (decode, short prefill chunks): memory-bound on the weights up to M ~ 128 on an H100. A Triton kernel streams [BLOCK_N, BLOCK_K] weight tiles in
-    their natural K-contiguous layout through the tensor cores (tl.dot on a [BLOCK_M, BLOCK_K] x tile padded to
-    at least 16 rows), optionally split along K into an fp32 buffer that a second kernel adds up (deterministic,
-    no atomics). On an H100 this moves 2.2-2.65 TB/s of weights on the large 7B/8B decode shapes, above cuBLAS
-    FP8 (benchmarks/NOTES.md). Which tile wins depends on the card and the shape, so the first call of each
-    (shape, M bucket) times the candidates and cuBLAS inside a CUDA graph and keeps the fastest (`choose`).
+  * M <= 256 (decode, short prefill chunks): memory-bound on the weights for small M. A Triton kernel streams
+    [BLOCK_N, BLOCK_K] weight tiles in their natural K-contiguous layout through the tensor cores (tl.dot on a
+    [BLOCK_M, BLOCK_K] x tile padded to at least 16 rows), optionally split along K into an fp32 buffer that a
+    second kernel adds up (deterministic, no atomics); how it compares with cuBLAS FP8 is in benchmarks/NOTES.md.
+    Which tile wins depends on the card and the shape, so the first call of each (shape, M bucket) times the
+    candidates and cuBLAS inside a CUDA graph and keeps the fastest (`choose`).
   * M > 256 (prefill): compute-bound; cuBLAS `torch._scaled_mm` with row-wise scales.
 """
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 x [M, K] (bf16/fp16) -> (e4m3 [M, K], fp32 scale per row [M]). A static scale (calibrated, one per tensor) and
 dynamic ones (absmax of each row / 448) come out in the same form, so the GEMMs after it take one input format.
-Rounding as layers.fp8_linear.quantize_fp8: IEEE division (div_rn), saturate to +-448, round to nearest even.
+Rounding as e4m3.quantize_fp8: IEEE division (div_rn), saturate to +-448, round to nearest even.
 
-Why before the GEMM: quantizing inside it repeats the division in every program that reads the row, and on an
-H100 that made decode GEMMs 2-10x slower than the same GEMM on a pre-quantized input (benchmarks/NOTES.md).
+Why before the GEMM: quantizing inside it repeats the division in every program that reads the row, which makes
+decode GEMMs several times slower than the same GEMM on a pre-quantized input (benchmarks/NOTES.md).
 Where a norm or SiLU*mul feeds an FP8 linear, their kernels quantize their own output with `quantize_row`
 (no separate pass at all); this kernel serves the other inputs (the attention output before o_proj).
 """
@@ -15,8 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = tl.constexpr(448.0)
-MIN_SCALE = tl.constexpr(1e-12)  # layers.fp8_linear.MIN_SCALE: an all-zero row must not divide by zero
+from optimum_nvidia_core import e4m3
+
+FP8_MAX = tl.constexpr(e4m3.FP8_MAX)
+MIN_SCALE = tl.constexpr(e4m3.MIN_SCALE)  # an all-zero row must not divide by zero
 MAX_FUSED_WIDTH = 16384  # rows up to this wide are quantized whole in registers by the fused kernels
 
 

@@ -17,10 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from optimum_nvidia_core.layers.attention_metadata import AttentionMetadata
+from optimum_nvidia_core import e4m3
+from optimum_nvidia_core.attention_metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
-FP8_MAX = tl.constexpr(448.0)  # e4m3 saturation bound; constexpr so kernels may read it
+FP8_MAX = tl.constexpr(e4m3.FP8_MAX)  # constexpr so kernels may read it
 
 
 @triton.jit
@@ -254,19 +255,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def prefill_config(max_query_len: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel for chunks of up to max_query_len. An H100
-    sweep (benchmarks/results/*-prefill-attention-sweep.json: 7 tiles, 512/2048 tokens, 32/8 KV heads, bf16/FP8
-    cache) found 64x64 with 4 warps fastest everywhere (179 TFLOP/s at 2048 tokens); 128-row tiles were 10-20%
-    slower: the K/V rows are gathered through the block table, so bigger tiles only add registers."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel for chunks of up to max_query_len: 64x64
+    tiles with 4 warps, the fastest of a tile sweep (benchmarks/NOTES.md, "Measurements behind the code"). Bigger
+    tiles do not pay: the K/V rows are gathered through the block table, so they only add registers."""
     if max_query_len <= 16:
         return 16, 64, 4, 2
     return 64, 64, 4, 2
 
 
 def partition_size(num_seqs: int, num_kv_heads: int) -> int:
-    """Context tokens per decode program. Measured on an H100 (benchmarks/NOTES.md): 128-token partitions for
-    few (sequence, KV head) pairs did not beat 512 (8B shape, bs1, 4096 tokens: 77 us vs 27 us per layer), so
-    one size for all until a sweep says otherwise."""
+    """Context tokens per decode program: 512 for every batch. Smaller partitions, which would give few
+    (sequence, KV head) pairs more programs, were slower where measured (benchmarks/NOTES.md, "Measurements
+    behind the code"), so one size serves all until a sweep says otherwise."""
     return 512
 
 

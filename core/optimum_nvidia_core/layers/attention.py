@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention_metadata import AttentionMetadata
+from ..e4m3 import quantize_fp8
 from . import cuda_kernels
-from .attention_metadata import AttentionMetadata
-
-FP8_MAX = 448.0
 
 
 class Attention(nn.Module):
@@ -66,8 +65,8 @@ class Attention(nn.Module):
         v_flat[slot_mapping] = self._to_cache(v, self.v_scale)
 
     def _to_cache(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if self.k_cache.dtype == torch.float8_e4m3fn:  # same rounding as layers.fp8_linear.quantize_fp8
-            return (x.float() / scale.to(x.device)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        if self.k_cache.dtype == torch.float8_e4m3fn:
+            return quantize_fp8(x, scale.to(x.device))
         return x.to(self.k_cache.dtype)
 
     def _from_cache(self, x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 W_q is float8_e4m3fn [out, in] with a per-output-channel scale s_w [out] (or per-tensor, [1]). The activation scale
 s_x is either static per tensor ([1], from calibration) or dynamic per token ([T, 1], absmax of each row at run time).
-Quantizing means ``clamp(x / s, -448, 448).to(float8_e4m3fn)``: round-to-nearest-even, the same on CPU and GPU, so
+Quantizing is e4m3.quantize_fp8 (``clamp(x / s, -448, 448)``, round-to-nearest-even), the same on CPU and GPU, so
 the CPU path is a faithful emulation of the GPU one. Products of two e4m3 numbers are exact in fp32 and both paths
 accumulate in fp32, so CPU and GPU results differ only by summation order.
 """
@@ -14,23 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..e4m3 import FP8_DTYPE, FP8_MAX, MIN_SCALE, absmax_scale, quantize_fp8
 from . import cuda_kernels
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
-# Smallest scale we allow: keeps an all-zero row or tensor from dividing by zero.
-MIN_SCALE = 1e-12
-
-
-def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale, saturated to +-448 and rounded to e4m3. ``scale`` broadcasts against ``x`` (fp32)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-
-
-def absmax_scale(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """The scale that maps the absolute maximum of x (over ``dim``, or all of x) to 448, as fp32."""
-    amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
-    return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
 
 
 def quantize_weight(weight: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

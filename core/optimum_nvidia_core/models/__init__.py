@@ -1,1 +1,1 @@
-"""Model code: the LLaMA family (models.llama) and the checkpoint loader (models.loader)."""
+"""Model code: the LLaMA family (models.llama) and the checkpoint loader (models.loader, which only reads)."""

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..attention_metadata import AttentionMetadata
 from ..layers.activation import SiluAndMul
 from ..layers.attention import Attention
-from ..layers.attention_metadata import AttentionMetadata
 from ..layers.embedding import LMHead, VocabEmbedding
 from ..layers.fp8_linear import link_fused_quantization
 from ..layers.linear import Linear
@@ -154,8 +154,8 @@ class LlamaForCausalLM(nn.Module):
     def fuse_fp8_input_quantization(self) -> None:
         """On the GPU, each norm and SiLU*mul then writes the e4m3 input of the FP8 linear after it (a no-op for
         bf16 linears). Call once the model sits on its device: the links hold the linears' scale tensors.
-        SiLU*mul fuses only a static scale: a dynamic one needs a whole row per program, which measured slower
-        at decode sizes (6.1 us vs 1.3 + 2.8 us for the two kernels, H100) than quantizing separately."""
+        SiLU*mul fuses only a static scale: a dynamic one needs a whole row per program, which is slower at
+        decode sizes than quantizing separately (benchmarks/NOTES.md, "Measurements behind the code")."""
         hidden, inter = self.config.hidden_size, self.config.intermediate_size
         for layer in self.model.layers:
             link_fused_quantization(layer.input_layernorm, layer.self_attn.qkv_proj, hidden)

@@ -4,9 +4,6 @@ The module is built on the meta device (no memory), materialized empty on the ta
 then filled by streaming the checkpoint tensor by tensor (single file or sharded through
 model.safetensors.index.json): at most one checkpoint tensor is on the host at a time. Separate q/k/v and
 gate/up tensors are copied into their row slices of the fused projections.
-
-`write_random_checkpoint` writes the reverse: a Hugging Face-layout safetensors checkpoint with random weights for
-any config (tests, benchmarks of real model shapes), also without transformers modeling code.
 """
 from __future__ import annotations
 
@@ -216,57 +213,3 @@ def _expected_parts(model: LlamaForCausalLM) -> set[tuple[str, int]]:
         num_parts = len(getattr(module, "output_sizes", [None]))
         expected.update((name, shard) for shard in range(num_parts))
     return expected
-
-
-def hf_weight_shapes(config) -> dict[str, tuple[int, ...]]:
-    """The Hugging Face checkpoint names and shapes for `config` (fused parameters split back into parts)."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    unpacked = {}
-    for fused_part, (fused, shard) in model.packed_modules.items():
-        unpacked.setdefault(fused, {})[shard] = fused_part
-    shapes = {}
-    for name, param in model.named_parameters():  # tied lm_head appears once, as the embedding
-        module_path, leaf = name.rsplit(".", 1)
-        module = model.get_submodule(module_path)
-        owner, fused = module_path.rsplit(".", 1) if "." in module_path else ("", module_path)
-        if fused in unpacked:
-            for shard, part in unpacked[fused].items():
-                rows = module.shard_rows(shard)
-                shapes[f"{owner}.{part}.{leaf}"] = (rows.stop - rows.start, *param.shape[1:])
-        else:
-            shapes[name] = tuple(param.shape)
-    return shapes
-
-
-def write_random_checkpoint(config, out_dir: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                            max_shard_bytes: int = 2 << 30, std: float = 0.02) -> Path:
-    """Write config.json + random safetensors weights (sharded with an index past max_shard_bytes) to out_dir."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    shards, current, current_bytes = [], {}, 0
-    for name, shape in hf_weight_shapes(config).items():
-        if name.endswith("norm.weight"):
-            tensor = 1.0 + std * torch.randn(shape, generator=generator)
-        else:
-            tensor = std * torch.randn(shape, generator=generator)
-        tensor = tensor.to(dtype)
-        size = tensor.numel() * tensor.element_size()
-        if current and current_bytes + size > max_shard_bytes:
-            shards.append(current)
-            current, current_bytes = {}, 0
-        current[name], current_bytes = tensor, current_bytes + size
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    if len(shards) > 1:
-        index = {"metadata": {}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config.save_pretrained(str(out_dir))
-    return out_dir
