@@ -13,4 +13,8 @@ python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform 
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
   --implementation cp -d .whl "fastapi>=0.110" "uvicorn>=0.29" uvloop httptools "prometheus-client>=0.20" \
   pydantic==2.14.4 pydantic_core==2.50.5
+# xgrammar for guided decoding (forced tool calls, guided_overhead.py); its other needs (torch, transformers,
+# triton, numpy) are on the image.
+python3 -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+  --implementation cp --no-deps -d .whl xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 ls .whl

@@ -41,15 +41,19 @@ def structured_runnable(
     trace = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
 
     if method == "function_calling":
-        tool_name = convert_to_openai_tool(schema)["function"]["name"]
-        bound = model.bind_tools([schema], tool_choice=tool_name, ls_structured_output_format=trace)
+        tool = convert_to_openai_tool(schema)
+        tool_name = tool["function"]["name"]
+        if is_pydantic:
+            tool["function"]["parameters"] = _model_schema(schema)
+        bound = model.bind_tools([tool], tool_choice=tool_name, ls_structured_output_format=trace)
         parser: Runnable = (
             PydanticToolsParser(tools=[schema], first_tool_only=True)
             if is_pydantic
             else JsonOutputKeyToolsParser(key_name=tool_name, first_tool_only=True)
         )
     else:
-        json_schema = {"type": "object"} if schema is None else convert_to_json_schema(schema)
+        json_schema = {"type": "object"} if schema is None else (
+            _model_schema(schema) if is_pydantic else convert_to_json_schema(schema))
         bound = model.bind(guided_json=json_schema, ls_structured_output_format=trace)
         parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
 
@@ -59,3 +63,11 @@ def structured_runnable(
     parse_or_fail = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
     no_parse = RunnablePassthrough.assign(parsed=lambda _: None)
     return RunnableMap(raw=bound) | parse_or_fail.with_fallbacks([no_parse], exception_key="parsing_error")
+
+
+def _model_schema(model: type) -> dict[str, Any]:
+    """A pydantic model's own JSON schema, $defs and $refs kept. LangChain's converters inline the refs and
+    replace a recursive one with {} (any value), so the grammar would not generate that model."""
+    if hasattr(model, "model_json_schema"):
+        return model.model_json_schema()
+    return convert_to_json_schema(model)  # pydantic v1 models

@@ -1,4 +1,4 @@
-"""guided.py: JSON-schema token masks through xgrammar, with the real SmolLM2 tokenizer.
+"""guided/: JSON-schema token masks through xgrammar, with the real SmolLM2 tokenizer.
 
 The main check walks the grammar like a sampler would: pick a random allowed token under the mask (biased towards
 tokens that close strings and objects so walks end quickly), accept it, repeat until the matcher terminates, then
@@ -7,19 +7,16 @@ check that the text parses and validates against the schema.
 from __future__ import annotations
 
 import json
-import random
 import sys
-from typing import Any, Literal
+from typing import Literal
 
-import numpy as np
 import pytest
 import torch
 from pydantic import BaseModel
 
-from optimum_nvidia_core.tool_calls import tool_call_schema
+from guided_walk import PADDED_VOCAB, closing_tokens, decoder, random_walk, tokenizer, validate  # noqa: F401
 from optimum_nvidia_core.guided import GuidedDecoder, bitmask_to_bool, check_json_schema
-
-PADDED_VOCAB = 49152 + 64  # logits wider than the tokenizer, as with padded embeddings
+from optimum_nvidia_core.tool_calls import tool_call_schema
 
 
 class Address(BaseModel):
@@ -57,59 +54,11 @@ SCHEMAS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir):
-    """The real SmolLM2 tokenizer, from the directory the engine loads (converted once from the packaged GGUF)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(smollm2_dir))
-
-
-@pytest.fixture(scope="module")
-def decoder(tokenizer):
-    pytest.importorskip("xgrammar")
-    return GuidedDecoder(tokenizer, PADDED_VOCAB)
-
-
-@pytest.fixture(scope="module")
-def closing_tokens(tokenizer):
-    """bool [V] (numpy): tokens whose text has a quote, a closing bracket or a digit (they end strings and objects)."""
-    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    closing = [any(ch in piece for ch in '"}]0123456789') for piece in pieces]
-    return np.array(closing + [False] * (PADDED_VOCAB - len(pieces)))
-
-
-def random_walk(decoder, tokenizer, closing, schema, seed, max_steps=400) -> str:
-    """Sample like the engine would, uniformly among allowed tokens (numpy: torch's threads crawl on a busy CPU)."""
-    rng = random.Random(seed)
-    matcher = decoder.matcher(schema)
-    row = torch.zeros(PADDED_VOCAB, dtype=torch.bool)
-    allowed = row.numpy()  # shares memory with row
-    out: list[int] = []
-    for _ in range(max_steps):
-        assert matcher.fill_mask(row), f"the mask allows nothing after {tokenizer.decode(out)!r}"
-        assert not allowed[len(tokenizer):].any(), "padding ids beyond the tokenizer must never be allowed"
-        stops = [t for t in decoder.stop_token_ids if allowed[t]]
-        assert bool(stops) == matcher.allowed_eos()
-        if stops and rng.random() < 0.3:
-            token = stops[0]
-        else:
-            closing_allowed = allowed & closing
-            pool = closing_allowed if rng.random() < 0.4 and closing_allowed.any() else allowed
-            token = int(rng.choice(np.flatnonzero(pool)))
-        assert matcher.accept(token)
-        if matcher.is_terminated():
-            assert token in decoder.stop_token_ids
-            return tokenizer.decode(out)
-        out.append(token)
-    raise AssertionError(f"no termination within {max_steps} tokens: {tokenizer.decode(out)!r}")
-
-
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_random_walks_under_the_mask_give_valid_json(decoder, tokenizer, closing_tokens, name):
     schema = SCHEMAS[name]
     for seed in range(3):
-        text = random_walk(decoder, tokenizer, closing_tokens, schema, seed)
+        text = random_walk(decoder, tokenizer, schema, seed, [(closing_tokens, 0.4)])
         value = json.loads(text)
         assert isinstance(value, dict)
         errors = validate(value, schema or {"type": "object"}, schema or {})
@@ -119,7 +68,8 @@ def test_random_walks_under_the_mask_give_valid_json(decoder, tokenizer, closing
 def test_forced_call_walks_name_a_tool_and_match_its_schema(decoder, tokenizer, closing_tokens):
     names = set()
     for seed in range(6):
-        call = json.loads(random_walk(decoder, tokenizer, closing_tokens, SCHEMAS["forced_any_tool"], seed))
+        call = json.loads(random_walk(decoder, tokenizer, SCHEMAS["forced_any_tool"], seed,
+                                       [(closing_tokens, 0.4)]))
         assert list(call) == ["name", "arguments"]  # the name comes first, as the model should decide it first
         names.add(call["name"])
     assert names <= {"add", "get_weather", "save_person", "ping"} and len(names) >= 2
@@ -177,39 +127,58 @@ def test_missing_xgrammar_says_how_to_install_it(tokenizer, monkeypatch):
     check_json_schema({"type": "object"})  # prompts with tools still work without it: only the shape is checked
 
 
-# ---- a tiny JSON-schema validator for the schemas above (jsonschema is not installed) ----------------------------
-def validate(value: Any, schema: dict, root: dict, path: str = "$") -> list[str]:
-    if "$ref" in schema:
-        target: Any = root
-        for part in schema["$ref"].lstrip("#/").split("/"):
-            target = target[part]
-        return validate(value, target, root, path)
-    if "anyOf" in schema:
-        if all(validate(value, s, root, path) for s in schema["anyOf"]):
-            return [f"{path}: matches no anyOf branch"]
-        return []
-    errors = []
-    if "const" in schema and value != schema["const"]:
-        errors.append(f"{path}: {value!r} != const {schema['const']!r}")
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} not in {schema['enum']}")
-    kind = schema.get("type")
-    checks = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
-              "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
-              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-              "null": lambda v: v is None}
-    if kind is not None and not checks[kind](value):
-        return errors + [f"{path}: {value!r} is not of type {kind}"]
-    if isinstance(value, dict):
-        properties = schema.get("properties", {})
-        errors += [f"{path}: missing {k!r}" for k in schema.get("required", []) if k not in value]
-        for key, item in value.items():
-            if key in properties:
-                errors += validate(item, properties[key], root, f"{path}.{key}")
-            elif schema.get("additionalProperties") is False or (properties and kind == "object"):
-                errors.append(f"{path}: unexpected property {key!r}")  # xgrammar is strict: no extra keys
-    if isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            errors += validate(item, schema["items"], root, f"{path}[{i}]")
-    return errors
+def test_the_vocabulary_builds_in_the_background_also_from_a_model_directory(decoder, tokenizer, smollm2_dir):
+    from_dir = GuidedDecoder(smollm2_dir, PADDED_VOCAB)  # what the engine core, with no tokenizer object, does
+    schema = SCHEMAS["forced_person_tool"]
+    a, b = decoder.matcher(schema), from_dir.matcher(schema)  # waits for the vocabulary
+    assert from_dir.ready and from_dir.stop_token_ids == decoder.stop_token_ids
+    row_a, row_b = torch.zeros(PADDED_VOCAB, dtype=torch.bool), torch.zeros(PADDED_VOCAB, dtype=torch.bool)
+    for piece in ['{"name": "save_person", "arguments": {"name": "', "Ada"]:
+        assert a.fill_mask(row_a) and b.fill_mask(row_b) and torch.equal(row_a, row_b)
+        for token in tokenizer.encode(piece, add_special_tokens=False):
+            assert a.accept(token) and b.accept(token)
+    from_dir.close()
+
+
+def test_matchers_come_from_the_pool_and_a_cached_grammar_is_ready_at_once(tokenizer):
+    pytest.importorskip("xgrammar")
+    fresh = GuidedDecoder(tokenizer, PADDED_VOCAB)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    matchers = fresh.matchers_async(schema, n=3).result(timeout=60)
+    assert len(matchers) == 3 and len({id(m.grammar_matcher) for m in matchers}) == 3  # one state per sequence
+    again = fresh.matchers_async(schema, n=2)
+    assert again.done() and len(again.result()) == 2 and fresh.num_cached == 1
+    failing = fresh.matchers_async({"type": "integer", "minimum": 5, "maximum": 2})
+    with pytest.raises(ValueError, match="guided_json cannot be compiled into a grammar"):
+        failing.result(timeout=60)
+    fresh.close()
+
+
+def test_the_step_bitmask_holds_each_matchers_mask(decoder, tokenizer):
+    from optimum_nvidia_core.guided import GrammarBitmask
+    from optimum_nvidia_core.layers.token_bitmask import apply_token_bitmask
+
+    matchers = [decoder.matcher(SCHEMAS[name]) for name in ("person", "forced_any_tool", "list_of_numbers")]
+    for token in tokenizer.encode('{"name": "', add_special_tokens=False):
+        assert matchers[0].accept(token)
+    done = decoder.matcher({"const": 1})
+    for token in tokenizer.encode("1", add_special_tokens=False):
+        assert done.accept(token)  # complete: only the stop tokens are allowed next
+    matchers.append(done)
+    bitmask = GrammarBitmask(max_rows=8, vocab_size=PADDED_VOCAB, device="cpu")
+    expected = torch.zeros(len(matchers), PADDED_VOCAB, dtype=torch.bool)
+    for _ in range(2):  # the two alternating buffers
+        bitmask.fill(matchers)
+        for k, m in enumerate(matchers):
+            assert m.fill_mask(expected[k])
+        assert bitmask.allows_any().tolist() == [True] * 4
+        eos = decoder.stop_token_ids
+        assert [bitmask.allows_other_than(k, eos) for k in range(4)] == [True, True, True, False]
+        rows = [0, 2, 3, 5]  # the logits rows they constrain, among 6 sampled rows
+        on_device = bitmask.to_device(rows)
+        logits = torch.randn(6, PADDED_VOCAB)
+        masked = apply_token_bitmask(logits, on_device)
+        assert torch.equal(torch.isfinite(masked[rows]), expected)
+        assert torch.equal(masked[[1, 4]], logits[[1, 4]])  # unguided rows untouched
+    with pytest.raises(ValueError, match="9 guided rows, but the bitmask holds 8"):
+        bitmask.fill(matchers * 2 + [done])

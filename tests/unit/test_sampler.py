@@ -8,6 +8,7 @@ from optimum_nvidia_core.engine.sequence import Sequence
 from optimum_nvidia_core.layers.sampler import (
     Sampler, SamplingBatch, apply_min_p, apply_penalties, apply_top_k_top_p, draw_from, seeded_uniform,
 )
+from optimum_nvidia_core.layers.token_bitmask import TokenBitmask
 from optimum_nvidia_core.sampling_params import SamplingParams
 
 EOS = 5
@@ -126,21 +127,23 @@ def test_eos_and_stop_ids_are_banned_before_min_tokens():
     assert sample(logits, [ignoring]).token_ids.item() == EOS
 
 
-def test_allowed_mask_confines_every_row():
+def test_grammar_bitmask_confines_every_row():
     logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
     allowed = torch.zeros(3, 40, dtype=torch.bool)
     allowed[0, [3, 9]] = True
     allowed[1, 17] = True
     allowed[2] = True
     for params in (dict(temperature=0.0), dict(temperature=2.0)):
-        tokens = sample(logits, [seq(seed=i, **params) for i in range(3)], allowed_mask=allowed).token_ids.tolist()
+        tokens = sample(logits, [seq(seed=i, **params) for i in range(3)],
+                        token_bitmask=TokenBitmask.from_bool(allowed)).token_ids.tolist()
         assert tokens[0] in (3, 9) and tokens[1] == 17
 
 
 def test_top_logprobs_hold_the_best_and_the_sampled_token():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 5.0, 0.0]])
     allowed = torch.tensor([[True, True, True, True], [True, False, False, True]])
-    out = sample(logits, [seq(logprobs=2, temperature=0), seq(logprobs=1, temperature=0)], allowed_mask=allowed)
+    out = sample(logits, [seq(logprobs=2, temperature=0), seq(logprobs=1, temperature=0)],
+                 token_bitmask=TokenBitmask.from_bool(allowed))
     expected = logits[0].log_softmax(-1)
     assert out.logprobs[0] == pytest.approx({0: expected[0].item(), 1: expected[1].item()})
     assert out.token_ids[1].item() in (0, 3)  # a tie between the two allowed tokens

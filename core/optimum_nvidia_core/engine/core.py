@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
-
-import torch
 
 from ..config import EngineConfig
 from ..sampling_params import SamplingParams
@@ -45,7 +44,9 @@ class EngineCore:
         self.scheduler = Scheduler(config.max_batch_size, config.max_num_tokens, self.block_manager)
         self.requests: dict[str, Request] = {}
         self._in_flight = None  # (ScheduledBatch, LaunchedStep) queued on the device, collected by the next step()
-        self._guided = None
+        self._guided = self._start_guided()  # builds the grammar vocabulary in the background, now
+        self._bitmask = None  # guided.GrammarBitmask, made with the first guided step
+        self._awaiting_grammar: dict[str, Future] = {}  # request id -> its matchers, compiling in the pool
         self.counters = {"requests": 0, "max_running_seqs": 0, "max_batch_tokens": 0, "errors": 0}
 
     def info(self) -> EngineInfo:
@@ -60,11 +61,16 @@ class EngineCore:
         core against a caller that skipped that)."""
         params = request.params
         check_token_ids(request.prompt_token_ids, params, self.vocab_size)
-        matchers = [self._matcher(params) for _ in range(params.n)] if params.guided_json is not None else []
+        # A guided request waits, unscheduled, until its grammar is compiled (in the pool); others keep running.
+        grammar = self._guided_decoder().matchers_async(params.guided_json, params.n) if (
+            params.guided_json is not None) else None
         seqs = [Sequence(request.request_id, request.prompt_token_ids, params, index=i) for i in range(params.n)]
-        self.requests[request.request_id] = Request(request.request_id, params, seqs, matchers)
-        for seq in seqs:
-            self.scheduler.add(seq)
+        self.requests[request.request_id] = Request(request.request_id, params, seqs)
+        if grammar is None:
+            for seq in seqs:
+                self.scheduler.add(seq)
+        else:
+            self._awaiting_grammar[request.request_id] = grammar
         self.counters["requests"] += 1
 
     def abort_request(self, request_id: str, index: int | None = None) -> None:
@@ -75,6 +81,7 @@ class EngineCore:
             return
         if index is None:
             del self.requests[request_id]
+            self._awaiting_grammar.pop(request_id, None)
             self.scheduler.abort(request_id)
             return
         seq = req.seqs[index]
@@ -87,12 +94,42 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self._in_flight is not None
 
-    def _matcher(self, params: SamplingParams):
-        if self._guided is None:
+    def _start_guided(self):
+        """The grammar vocabulary, built in the background from the start (from the model directory: the core has
+        no tokenizer object); None without xgrammar (a guided request then fails with the ImportError that says
+        how to install it)."""
+        try:
             from ..guided import GuidedDecoder
 
-            self._guided = GuidedDecoder(self.loaded.tokenizer, self.vocab_size, stop_token_ids=self.eos_token_ids)
-        return self._guided.matcher(params.guided_json)
+            return GuidedDecoder(self.loaded.model_dir, self.vocab_size, stop_token_ids=self.eos_token_ids)
+        except ImportError:
+            return None
+
+    def _guided_decoder(self):
+        if self._guided is None:
+            from ..guided import import_xgrammar
+
+            import_xgrammar()  # raises the ImportError that says how to install it
+        return self._guided
+
+    def _admit_compiled(self) -> list[EngineCoreOutput | None]:
+        """Requests whose grammar is compiled join the scheduler; a failed compile fails its request alone."""
+        outputs = []
+        for request_id, grammar in list(self._awaiting_grammar.items()):
+            if not grammar.done():
+                continue
+            del self._awaiting_grammar[request_id]
+            req = self.requests.get(request_id)
+            if req is None:
+                continue  # aborted while compiling
+            try:
+                req.matchers = grammar.result()
+            except Exception as exc:  # noqa: BLE001 - the schema's fault: this request fails, the others run
+                outputs.append(self._fail(request_id, str(exc) or type(exc).__name__))
+                continue
+            for seq in req.seqs:
+                self.scheduler.add(seq)
+        return outputs
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
@@ -106,20 +143,24 @@ class EngineCore:
 
     def _launch(self) -> list[EngineCoreOutput | None]:
         """Schedule the next batch and queue it on the device; returns the deltas of requests that failed."""
+        outputs = self._admit_compiled()
         batch = self.scheduler.schedule()
-        outputs = [self._fail(seq.request_id, seq.error or "the request cannot be scheduled") for seq in batch.failed]
+        outputs += [self._fail(seq.request_id, seq.error or "the request cannot be scheduled") for seq in batch.failed]
         if not batch.seqs:
+            if self._awaiting_grammar and self._in_flight is None:  # only compiles to wait for: do not spin
+                wait(list(self._awaiting_grammar.values()), timeout=0.01, return_when=FIRST_COMPLETED)
             return outputs
         self.counters["max_running_seqs"] = max(self.counters["max_running_seqs"], len(batch.seqs))
         self.counters["max_batch_tokens"] = max(self.counters["max_batch_tokens"], sum(batch.num_query_tokens))
         allowed, failed = self._grammar_masks(batch)
         if failed:  # their blocks are freed: take them out of this step
             outputs += [self._fail(rid, msg) for rid, msg in failed]
-            batch, allowed = self._only_live(batch, allowed)
+            batch = self._only_live(batch)
             # Blocks they registered for prefix reuse when scheduled will never be computed now.
             self.block_manager.reset_prefix_cache()
             if not batch.seqs:
                 return outputs
+            allowed, _ = self._grammar_masks(batch)  # the rows of the requests that failed are gone
         try:
             self._in_flight = (batch, self.runner.launch(batch, allowed))
         except Exception as exc:  # e.g. out of memory on a huge prefill: fail this batch, keep serving
@@ -160,35 +201,45 @@ class EngineCore:
         message = f"the model step failed: {type(exc).__name__}: {exc}"
         return [self._fail(s.request_id, message) for s in batch.seqs]
 
-    def _grammar_masks(self, batch) -> tuple[dict[int, torch.Tensor], list[tuple[str, str]]]:
-        allowed, failed = {}, []
-        for i, (seq, samples) in enumerate(zip(batch.seqs, batch.samples)):
-            req = self.requests.get(seq.request_id)
-            if not samples or req is None or not req.matchers:
+    def _grammar_masks(self, batch):
+        """The step's grammar masks: the rows of the guided sampled sequences, filled in place by xgrammar and sent
+        in one copy. Returns (TokenBitmask on the device, or None when no row is guided; [(request id, why)] for
+        requests whose grammar cannot continue)."""
+        guided, rows, num_sampled = [], [], 0
+        for seq, samples in zip(batch.seqs, batch.samples):
+            if not samples:
                 continue
-            row = torch.zeros(self.vocab_size, dtype=torch.bool)
-            if not req.matchers[seq.index].fill_mask(row):
+            req = self.requests.get(seq.request_id)
+            if req is not None and req.matchers:
+                guided.append((seq, req))
+                rows.append(num_sampled)
+            num_sampled += 1
+        if not guided:
+            return None, []
+        if self._bitmask is None:
+            from ..guided import GrammarBitmask
+
+            self._bitmask = GrammarBitmask(self.config.max_batch_size, self.vocab_size, self.device)
+        self._bitmask.fill([req.matchers[seq.index] for seq, req in guided])
+        failed = []
+        for k, ((seq, req), allows_any) in enumerate(zip(guided, self._bitmask.allows_any())):
+            if not allows_any:
                 failed.append((seq.request_id, "the output grammar allows no next token; check the JSON schema"))
-            elif seq.num_output_tokens < req.params.min_tokens and not self._allows_more_than_eos(row):
+            elif (seq.num_output_tokens < req.params.min_tokens
+                  and not self._bitmask.allows_other_than(k, self.eos_token_ids)):
                 failed.append((seq.request_id, (
                     f"the output grammar is complete after {seq.num_output_tokens} tokens but "
                     f"min_tokens={req.params.min_tokens} forbids stopping; lower min_tokens for guided output")))
-            allowed[i] = row
-        return allowed, failed
+        if failed:
+            return None, failed
+        return self._bitmask.to_device(None if len(rows) == num_sampled else rows), []
 
-    def _only_live(self, batch, allowed: dict[int, torch.Tensor]):
-        """The batch without the sequences of requests that failed this step; grammar rows re-indexed."""
+    def _only_live(self, batch):
+        """The batch without the sequences of requests that failed this step."""
         keep = [i for i, seq in enumerate(batch.seqs) if seq.request_id in self.requests]
-        live = dataclasses.replace(batch, seqs=[batch.seqs[i] for i in keep],
+        return dataclasses.replace(batch, seqs=[batch.seqs[i] for i in keep],
                                    num_query_tokens=[batch.num_query_tokens[i] for i in keep],
                                    samples=[batch.samples[i] for i in keep])
-        return live, {new: allowed[old] for new, old in enumerate(keep) if old in allowed}
-
-    def _allows_more_than_eos(self, row: torch.Tensor) -> bool:
-        """Whether the grammar mask ``row`` (bool [V]) allows any token other than an end-of-sequence one."""
-        others = row.clone()
-        others[self.eos_token_ids] = False
-        return bool(others.any())
 
     def _account(self, req: Request, seq: Sequence, token: int) -> str | None:
         """Check one sampled (already appended) token; the finish reason its id alone decides (end of sequence,
@@ -231,6 +282,7 @@ class EngineCore:
         stats["free_blocks"] = self.block_manager.num_free_blocks
         stats["total_blocks"] = self.runner.num_blocks
         stats["running_requests"] = len(self.requests)
+        stats["awaiting_grammar"] = len(self._awaiting_grammar)  # guided requests whose grammar is compiling
         stats["pid"] = os.getpid()  # the process the core runs in
         return stats
 

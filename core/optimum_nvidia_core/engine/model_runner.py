@@ -14,7 +14,8 @@ import torch
 
 from ..attention_metadata import AttentionMetadata
 from ..config import EngineConfig
-from ..layers.sampler import Sampler, SamplingBatch
+from ..layers.sampler import Sampler, SamplingBatch, unpack_top_logprobs
+from ..layers.token_bitmask import TokenBitmask
 from .scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,10 @@ class LaunchedStep:
 
     num_seqs: int
     rows: list[int]  # indices (into the batch) of the sequences that sample
-    tokens: torch.Tensor | None = None  # [R] int64 on the host (pinned, filled asynchronously on CUDA)
-    logprobs: list[dict[int, float] | None] | None = None
+    # On the host (pinned, filled asynchronously on CUDA): int64 [R] tokens, or with logprobs float64 [R, 1 + P]:
+    # the token, then the sampler's packed top log-probabilities; one device->host copy either way.
+    tokens: torch.Tensor | None = None
+    num_logprobs: tuple[int | None, ...] = ()
     done: torch.cuda.Event | None = None  # CUDA: fires when `tokens` is filled
 
 
@@ -142,7 +145,7 @@ class ModelRunner:
         return input_ids, positions_t, attn
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch, allowed: dict[int, torch.Tensor] | None = None) -> "LaunchedStep":
+    def launch(self, batch: ScheduledBatch, allowed: TokenBitmask | None = None) -> "LaunchedStep":
         """Queue the step's forward and sampling on the device and return at once; `collect` waits for it. The
         engine does the previous step's host work (detokenizing, streaming) while the device runs this one."""
         input_ids, positions, attn = self.prepare(batch)
@@ -155,17 +158,18 @@ class ModelRunner:
             return LaunchedStep(len(batch.seqs), rows)
         sample_seqs = [batch.seqs[i] for i in rows]
         logits = self.compute_logits(hidden, attn, rows, sample_seqs)
-        mask = self._allowed_mask(rows, allowed, logits)
-        sampling = SamplingBatch.build(sample_seqs, logits.device, self.eos_token_ids, allowed_mask=mask)
+        sampling = SamplingBatch.build(sample_seqs, logits.device, self.eos_token_ids, token_bitmask=allowed)
         out = self.sampler(logits, sampling)
         tokens = torch.where(torch.isfinite(logits).all(dim=-1), out.token_ids, -1)  # [R], -1: not finite
+        if out.top_logprobs is not None:  # one copy for both: the tokens ride in column 0 (exact in float64)
+            tokens = torch.cat([tokens[:, None].double(), out.top_logprobs], dim=1)
         if tokens.is_cuda:  # copy into pinned memory behind the step; collect() waits on the event
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             host.copy_(tokens, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            return LaunchedStep(len(batch.seqs), rows, host, out.logprobs, done)
-        return LaunchedStep(len(batch.seqs), rows, tokens, out.logprobs)
+            return LaunchedStep(len(batch.seqs), rows, host, sampling.num_logprobs, done)
+        return LaunchedStep(len(batch.seqs), rows, tokens, sampling.num_logprobs)
 
     def collect(self, step: "LaunchedStep") -> tuple[list[int | None], list[dict[int, float] | None]]:
         """Wait for a launched step (the one host sync of a step). Returns, per scheduled sequence, the sampled
@@ -177,10 +181,14 @@ class ModelRunner:
             return sampled, top
         if step.done is not None:
             step.done.synchronize()
-        for k, (i, token) in enumerate(zip(step.rows, step.tokens.tolist())):
-            sampled[i] = token
-            if step.logprobs is not None:
-                top[i] = step.logprobs[k]
+        values = step.tokens.tolist()
+        if step.tokens.dim() == 1:
+            for i, token in zip(step.rows, values):
+                sampled[i] = token
+            return sampled, top
+        for i, row, logprobs in zip(step.rows, values, unpack_top_logprobs(values, step.num_logprobs, first=1)):
+            sampled[i] = int(row[0])
+            top[i] = logprobs
         return sampled, top
 
     def compute_logits(self, hidden: torch.Tensor, attn: AttentionMetadata, rows: list[int],
@@ -198,19 +206,6 @@ class ModelRunner:
             ends.append(end - 1)
         index = torch.tensor([ends[i] for i in rows], dtype=torch.int64).to(hidden.device, non_blocking=True)
         return hidden[index]
-
-    def _allowed_mask(self, rows: list[int], allowed: dict[int, torch.Tensor] | None,
-                      logits: torch.Tensor) -> torch.Tensor | None:
-        """Grammar masks (bool [V] per guided row) stacked as bool [R, V]; None when no row is guided."""
-        if not allowed:
-            return None
-        mask = torch.ones(logits.shape, dtype=torch.bool)
-        for k, i in enumerate(rows):
-            if i in allowed:
-                row = allowed[i]
-                mask[k, : row.shape[0]] = row
-                mask[k, row.shape[0]:] = False
-        return mask.to(logits.device, non_blocking=True)
 
 
 def _round_up(n: int, multiple: int) -> int:

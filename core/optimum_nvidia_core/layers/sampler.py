@@ -4,7 +4,7 @@ Per row (one sequence): penalties (repetition over prompt + output, presence / f
 vLLM) -> EOS and stop ids banned before min_tokens -> grammar mask -> greedy argmax, or temperature -> top-k ->
 top-p -> min-p -> inverse-CDF draw. Each row's uniform number is a pure function of (sequence seed, position)
 computed with integer hashing, so a seeded sequence draws the same token whatever batch it shares, with no
-per-row generator and no host sync (the caller's one ``.tolist()`` is the only one; logprobs add a second).
+per-row generator and no host sync (top log-probabilities stay on the device, packed for the caller's one copy).
 (One uniform per row, not Gumbel noise per vocabulary entry: hashing [S, V] integers cost more than the model
 step on the CPU.)
 """
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from .token_bitmask import TokenBitmask, apply_token_bitmask
 
 if TYPE_CHECKING:
     from optimum_nvidia_core.engine.sequence import Sequence
@@ -79,7 +81,7 @@ class SamplingBatch:
     prompt_token_ids: torch.Tensor | None = None
     output_token_ids: torch.Tensor | None = None
     banned_token_ids: torch.Tensor | None = None  # EOS/stop ids of rows still below min_tokens
-    allowed_mask: torch.Tensor | None = None  # bool [S, V]: grammar constraint, True = allowed
+    token_bitmask: TokenBitmask | None = None  # grammar constraint of the guided rows, packed bits
     top_k_top_p_rows: torch.Tensor | None = None  # int64 [R]: sampled rows with top-k or top-p (they need a sort)
     # Host-side flags, so unused stages cost nothing.
     all_greedy: bool = True
@@ -92,12 +94,12 @@ class SamplingBatch:
         seqs: list["Sequence"],
         device: torch.device | str,
         eos_token_ids: list[int] | tuple[int, ...] = (),
-        allowed_mask: torch.Tensor | None = None,
+        token_bitmask: TokenBitmask | None = None,
     ) -> "SamplingBatch":
         eos_token_ids = tuple(eos_token_ids)
         rows = [RowParams.of(seq, eos_token_ids) for seq in seqs]
         banned = [r.banned_ids if seq.num_output_tokens < r.min_tokens else () for seq, r in zip(seqs, rows)]
-        batch = cls(allowed_mask=allowed_mask, all_greedy=all(r.greedy for r in rows),
+        batch = cls(token_bitmask=token_bitmask, all_greedy=all(r.greedy for r in rows),
                     num_logprobs=tuple(r.num_logprobs for r in rows))
         if any(banned):
             batch.banned_token_ids = _padded([list(b) for b in banned], device)
@@ -126,7 +128,15 @@ class SamplingBatch:
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # int64 [S], on the logits' device
-    logprobs: list[dict[int, float] | None] | None = None  # per row: {token: logprob} for the top-N + the sampled
+    top_logprobs: torch.Tensor | None = None  # float64 [S, 2N + 2] on the device (see _top_logprobs), or None
+    num_logprobs: tuple[int | None, ...] = ()
+
+    @property
+    def logprobs(self) -> list[dict[int, float] | None] | None:
+        """Per row: {token: logprob} for the top-N and the sampled token. Reads the device (a sync)."""
+        if self.top_logprobs is None:
+            return None
+        return unpack_top_logprobs(self.top_logprobs.tolist(), self.num_logprobs)
 
 
 class Sampler:
@@ -148,10 +158,10 @@ class Sampler:
                 scaled = apply_min_p(scaled, batch.min_p)
             drawn = draw_from(scaled.softmax(dim=-1), seeded_uniform(batch.seeds, batch.positions))
             tokens = torch.where(batch.is_greedy, greedy_tokens, drawn)
-        logprobs = None
+        top = None
         if any(n is not None for n in batch.num_logprobs):
-            logprobs = _top_logprobs(logits, tokens, batch.num_logprobs)
-        return SamplerOutput(tokens, logprobs)
+            top = _top_logprobs(logits, tokens, batch.num_logprobs)
+        return SamplerOutput(tokens, top, batch.num_logprobs)
 
 
 # ---- stages (each returns a new tensor; exposed for tests) -----------------------------------------------------
@@ -174,8 +184,8 @@ def apply_bans(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """-inf for EOS/stop ids before min_tokens, and for tokens the grammar disallows."""
     if batch.banned_token_ids is not None:
         logits = logits.masked_fill(_token_counts(batch.banned_token_ids, logits.shape[1]) > 0, float("-inf"))
-    if batch.allowed_mask is not None:
-        logits = logits.masked_fill(~batch.allowed_mask, float("-inf"))
+    if batch.token_bitmask is not None:
+        logits = apply_token_bitmask(logits, batch.token_bitmask)
     return logits
 
 
@@ -241,18 +251,26 @@ def _padded(rows: list[list[int]], device: torch.device | str) -> torch.Tensor:
     return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64).to(device, non_blocking=True)
 
 
-def _top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_logprobs) -> list[dict[int, float] | None]:
-    """Log-probabilities of the distribution after penalties and masks, before temperature and truncation."""
+def _top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, num_logprobs) -> torch.Tensor:
+    """Log-probabilities of the distribution after penalties and masks, before temperature and truncation, packed
+    per row as float64 [S, 2N + 2]: N top ids, their N logprobs, the sampled id, its logprob (N = the most asked
+    for). Stays on the device: the caller copies it with the tokens."""
     logprobs = logits.log_softmax(dim=-1)
     top_n = max(n or 0 for n in num_logprobs)
     values, ids = logprobs.topk(top_n, dim=-1) if top_n else (logprobs[:, :0], tokens[:, None][:, :0])
     sampled = logprobs.gather(1, tokens[:, None])
-    packed = torch.cat([ids.double(), values.double(), tokens[:, None].double(), sampled.double()], dim=1).tolist()
+    return torch.cat([ids.double(), values.double(), tokens[:, None].double(), sampled.double()], dim=1)
+
+
+def unpack_top_logprobs(rows: list[list[float]], num_logprobs, first: int = 0) -> list[dict[int, float] | None]:
+    """_top_logprobs' packed rows (host lists, read from column ``first`` on) -> per row {token: logprob}."""
+    top_n = max((n or 0 for n in num_logprobs), default=0)
     result: list[dict[int, float] | None] = []
-    for row, n in zip(packed, num_logprobs):
+    for row, n in zip(rows, num_logprobs):
         if n is None:
             result.append(None)
             continue
+        row = row[first:]
         top = {int(t): v for t, v in zip(row[:n], row[top_n : top_n + n])}
         top[int(row[-2])] = row[-1]
         result.append(top)
