@@ -32,7 +32,7 @@ def load(config: EngineConfig) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
     from ..hub import resolve_model
-    from ..models.fp8_checkpoint import load_fp8_checkpoint
+    from ..build.fp8_checkpoint import load_fp8_checkpoint
     from ..models.fp8_formats import checkpoint_format
     from ..models.loader import load_model
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..layers.fp8_linear import FP8_DTYPE, MIN_SCALE, Fp8Linear
-from .fp8_formats import Fp8CheckpointFormat, UnsupportedFp8Checkpoint
+from ..models.fp8_formats import Fp8CheckpointFormat, UnsupportedFp8Checkpoint
 
 _KV_NAME = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(?:k_proj\.|v_proj\.)?(k|v|kv)_(?:scale)$")
 _OUTPUT_SCALE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k|v)_proj\.output_scale$")  # older llm-compressor
@@ -27,8 +27,8 @@ _LEAVES = ("weight", "weight_scale", "input_scale", "bias", "weight_zero_point",
 def load_fp8_checkpoint(model_dir: Path, fmt: Fp8CheckpointFormat, dtype: torch.dtype, device: torch.device | str,
                         kv_cache_dtype: str = "auto") -> nn.Module:
     """Our model for an FP8 checkpoint, on ``device``; ``kv_cache_dtype="fp8"`` needs the checkpoint's KV scales."""
-    from ..build.quantize import check_fp8_supported, set_kv_scales
-    from .loader import _count_tensors, build_model, checkpoint_tensors, load_config, load_weights
+    from .quantize import check_fp8_supported, set_kv_scales
+    from ..models.loader import _count_tensors, build_model, checkpoint_tensors, load_config, load_weights
 
     device = torch.device(device)
     check_fp8_supported(device)
