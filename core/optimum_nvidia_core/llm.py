@@ -115,8 +115,8 @@ class LLM:
                       tool_choice: str | None) -> ToolCallStream:
         engine = self.engine
         params = params or SamplingParams()
-        prompt, params, forced = engine.formatter.prepare(messages, params, tools=tools, tool_choice=tool_choice)
-        return ToolCallStream(self._submit(prompt, params), tools or [], forced=forced)
+        prompt, params, plan = engine.formatter.prepare(messages, params, tools=tools, tool_choice=tool_choice)
+        return ToolCallStream(self._submit(prompt, params), plan)
 
     # ---- tools -----------------------------------------------------------------------------------------
     def perplexity(self, text: str) -> float:
@@ -166,6 +166,9 @@ def collect(deltas: Iterable[RequestOutput]) -> RequestOutput:
         c.token_ids.extend(delta.token_ids)
         if delta.logprobs:
             c.logprobs = (c.logprobs or []) + delta.logprobs
+        if delta.reasoning:
+            c.reasoning = (c.reasoning or "") + delta.reasoning
+        c.tool_calls.extend(delta.tool_calls)
         if delta.finish_reason is not None:
             c.finish_reason = delta.finish_reason
         last = delta
@@ -176,7 +179,7 @@ def collect(deltas: Iterable[RequestOutput]) -> RequestOutput:
     return RequestOutput(
         request_id=last.request_id, text=first.text, token_ids=first.token_ids, finish_reason=first.finish_reason,
         finished=True, usage=last.usage, metrics=last.metrics, logprobs=first.logprobs, choices=ordered,
-        tool_calls=last.tool_calls,
+        tool_calls=first.tool_calls, error=last.error, reasoning=first.reasoning,
     )
 
 

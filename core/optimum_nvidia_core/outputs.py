@@ -51,13 +51,15 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob} for the top-N and the sampled
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    reasoning: str | None = None  # the <think> part of a reasoning model's reply
 
 
 @dataclass
 class RequestOutput:
     """A finished request (``generate``/``chat``) or one streamed delta (``stream``/``astream``).
 
-    For a delta, ``text`` and ``token_ids`` are the new part only, ``index`` says which of the n completions it
+    For a delta, ``text``, ``reasoning`` and ``token_ids`` are the new part only, ``index`` says which of the n completions it
     belongs to, and only the last delta of a request has ``finished=True``, ``finish_reason``, ``usage``, ``metrics``.
     """
 
@@ -73,3 +75,4 @@ class RequestOutput:
     choices: list[Completion] = field(default_factory=list)  # all n completions, for a finished n > 1 request
     tool_calls: list[ToolCall] = field(default_factory=list)  # filled by LLM.chat when tools were given
     error: str | None = None
+    reasoning: str | None = None  # a reasoning model's <think> part (a delta's new part), apart from ``text``
