@@ -33,10 +33,12 @@ from optimum_nvidia_core.sampling_params import SamplingParams
 
 from .messages import (
     achat_responses,
+    arefuse_cut_off,
     acompletion_responses,
     chat_responses,
     completion_responses,
     keep_first_tool_call,
+    refuse_cut_off,
     to_chat_dicts,
     to_tool_choice,
     to_tool_specs,
@@ -182,12 +184,14 @@ class OptimumNvidiaLLM(PluginOptions, FunctionCallingLLM):
     def _chat_deltas(self, llm: Any, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
                      ) -> Iterator[RequestOutput]:
         tools, tool_choice, params = self._chat_arguments(kwargs)
-        return llm.chat_stream(to_chat_dicts(messages), params, tools=tools, tool_choice=tool_choice)
+        deltas = llm.chat_stream(to_chat_dicts(messages), params, tools=tools, tool_choice=tool_choice)
+        return refuse_cut_off(deltas, params, tool_choice)
 
     def _achat_deltas(self, llm: Any, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
                       ) -> AsyncIterator[RequestOutput]:
         tools, tool_choice, params = self._chat_arguments(kwargs)
-        return llm.achat_stream(to_chat_dicts(messages), params, tools=tools, tool_choice=tool_choice)
+        deltas = llm.achat_stream(to_chat_dicts(messages), params, tools=tools, tool_choice=tool_choice)
+        return arefuse_cut_off(deltas, params, tool_choice)
 
     def _chat_arguments(self, kwargs: dict[str, Any]) -> tuple[list[dict] | None, str | None, SamplingParams]:
         kwargs = dict(kwargs)

@@ -57,7 +57,7 @@ def write_family_model(out_dir: Path, family: str, first: str | None = None, sil
     tokenizer.save_pretrained(str(out_dir))
     ids = {"bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    model = make_hf_model("llama3", seed, **ids)
+    model = make_hf_model("llama3", seed, max_position_embeddings=4096, **ids)
     if silent:
         with torch.no_grad():
             model.lm_head.weight.zero_()

@@ -76,3 +76,17 @@ class RequestOutput:
     tool_calls: list[ToolCall] = field(default_factory=list)  # filled by LLM.chat when tools were given
     error: str | None = None
     reasoning: str | None = None  # a reasoning model's <think> part (a delta's new part), apart from ``text``
+
+
+class OutputCutOffError(ValueError):
+    """A constrained reply (a forced tool call, structured output) was cut off at max_tokens before it was
+    complete, so there is no call or object to return."""
+
+
+def cut_off_error(what: str, max_tokens: int | None) -> OutputCutOffError:
+    """The error both plugins raise for a constrained reply that ended with finish_reason "length"."""
+    if max_tokens is None:
+        fix = "shorten the prompt or build the engine with a larger max_seq_len (the context window is full)"
+    else:
+        fix = f"raise max_tokens (e.g. max_tokens={max(2 * max_tokens, max_tokens + 64)})"
+    return OutputCutOffError(f"{what} was cut off at max_tokens={max_tokens} before it was complete; {fix}")

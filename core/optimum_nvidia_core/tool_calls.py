@@ -115,3 +115,15 @@ def tool_call_schema(tools: list[Mapping[str, Any]], tool_choice: Any) -> dict[s
     if mode in ("auto", "none"):
         return None
     return function_call_schema([t["function"] for t in specs if mode == "required" or t["function"]["name"] == name])
+
+
+def constrained_reply(guided_json: Any, tool_choice: Any) -> str | None:
+    """What a request's reply is constrained to ("the forced tool call", "the structured output"), or None; the
+    plugins name it in the error for a reply cut off at max_tokens."""
+    if guided_json is not None:
+        return "the structured output"
+    try:
+        mode, _ = _choice(tool_choice)
+    except ValueError:
+        return None
+    return "the forced tool call" if mode in ("required", "named") else None

@@ -28,7 +28,7 @@ class Llama3Format(ToolFormat):
         payload = after if tag else body
         found = calls_in(_unfenced(payload), names, self.new_call_id)
         if found:
-            return before.strip(), found
+            return (before.strip() if tag else ""), found
         return text, []
 
     def history(self, conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:

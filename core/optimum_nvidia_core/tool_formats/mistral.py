@@ -48,5 +48,5 @@ class MistralFormat(ToolFormat):
         payload = after if marker else text
         found = calls_in(payload, names, self.new_call_id)
         if found:
-            return before.strip(), found
+            return (before.strip() if marker else ""), found
         return text, []
