@@ -2,7 +2,8 @@
 
 The templates of Qwen2.5, Hermes 2 Pro and Hermes 3 render tools, calls and ``<tool_response>`` results
 themselves. A reply may hold text around the blocks and several blocks (parallel calls); a small model sometimes
-drops the tags and answers with the bare JSON object, which is read as a call too.
+drops the tags and answers with the bare JSON object, which is read as a call too. A piece between tags that is
+not a valid call of a known tool stays in the content, so nothing is lost.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ..outputs import ToolCall
 from .base import ToolFormat, calls_in
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)", re.DOTALL)
+_TAG = re.compile(r"</?tool_call>")
 
 
 class HermesFormat(ToolFormat):
@@ -23,18 +24,22 @@ class HermesFormat(ToolFormat):
     forced_suffix = "\n" + TOOL_CALL_CLOSE
 
     def parse(self, text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
+        if TOOL_CALL_OPEN not in text:
+            found = calls_in(_unfenced(text), names, self.new_call_id)
+            return ("", found) if found else (text, [])
         calls: list[ToolCall] = []
-        pieces, last = [], 0
-        for block in _BLOCK.finditer(text):
-            found = calls_in(block.group(1), names, self.new_call_id)
+        content: list[str] = []
+        # Between the tags, a piece is calls or it is content (Hermes 2 Pro's template writes a second call of a
+        # turn without its own opening tag; the closing tag of the last call may be cut off).
+        for piece in _TAG.split(text):
+            found = calls_in(piece, names, self.new_call_id)
             if found:
                 calls += found
-                pieces.append(text[last:block.start()])
-                last = block.end()
-        if calls:
-            return ("".join(pieces) + text[last:]).strip(), calls
-        found = calls_in(_unfenced(text), names, self.new_call_id)
-        return ("", found) if found else (text, [])
+            elif piece.strip():
+                content.append(piece.strip())
+        if not calls:
+            return text, []
+        return "\n".join(content), calls
 
 
 def _unfenced(text: str) -> str:
