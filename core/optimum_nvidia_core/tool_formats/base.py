@@ -39,8 +39,9 @@ class ToolFormat:
         return [_with_ids(m, self.history_id) for m in conversation]
 
     # ---- forced calls ------------------------------------------------------------------------------------
-    def forced_schema(self, functions: list[dict[str, Any]]) -> dict[str, Any]:
-        """The JSON schema of a forced reply: one call of any of ``functions`` (validated specs)."""
+    def forced_schema(self, functions: list[dict[str, Any]], one: bool = False) -> dict[str, Any]:
+        """The JSON schema of a forced reply: a call of any of ``functions`` (validated specs); ``one``: exactly
+        one call (a named tool_choice) where the family lists several."""
         return call_schema(functions, self.arguments_key)
 
     def wrap_forced(self, generated: str) -> str:

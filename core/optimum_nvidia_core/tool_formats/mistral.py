@@ -40,8 +40,9 @@ class MistralFormat(ToolFormat):
             digits.append(_ALPHANUMERIC[k])
         return "".join(digits)
 
-    def forced_schema(self, functions):
-        return call_list_schema(functions, self.arguments_key)
+    def forced_schema(self, functions, one: bool = False):
+        schema = call_list_schema(functions, self.arguments_key)
+        return {**schema, "maxItems": 1} if one else schema
 
     def parse(self, text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
         before, marker, after = text.partition(TOOL_CALLS)

@@ -46,7 +46,7 @@ class ToolPlan:
 
     def forced_schema(self) -> dict[str, Any]:
         """The JSON schema a forced reply is generated under, in the family's native shape."""
-        return self.format.forced_schema(self.chosen)
+        return self.format.forced_schema(self.chosen, one=self.mode == "named")
 
     def instruction(self) -> str:
         """What the fallback's tools section says about tool_choice (the grammar is what enforces it)."""
