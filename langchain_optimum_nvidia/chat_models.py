@@ -98,7 +98,8 @@ class ChatOptimumNvidia(OptimumNvidiaFields, BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
         llm = self.get_llm(kwargs.get("model"))
-        deltas = llm.chat_stream(request.messages, request.params, tools=request.tools, tool_choice=request.tool_choice)
+        deltas = llm.chat_stream(request.messages, request.params, tools=request.tools, tool_choice=request.tool_choice,
+                                 parallel_tool_calls=request.parallel_tool_calls)
         try:
             for delta in deltas:
                 chunk = request.chunk(delta)
@@ -117,7 +118,8 @@ class ChatOptimumNvidia(OptimumNvidiaFields, BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
         llm = await self.aget_llm(kwargs.get("model"))  # a first call loads the engine off the event loop
-        deltas = llm.achat_stream(request.messages, request.params, tools=request.tools, tool_choice=request.tool_choice)
+        deltas = llm.achat_stream(request.messages, request.params, tools=request.tools,
+                                  tool_choice=request.tool_choice, parallel_tool_calls=request.parallel_tool_calls)
         try:
             async for delta in deltas:
                 chunk = request.chunk(delta)

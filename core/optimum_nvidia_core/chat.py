@@ -7,7 +7,8 @@ the tokens that end a turn, whether it demands strict user/assistant alternation
 Messages are OpenAI-style dicts: ``{"role": "system" | "user" | "assistant" | "tool", "content": str or a list of
 {"type": "text", "text": ...} parts}``; assistant messages may carry ``tool_calls`` ([{"id", "type": "function",
 "function": {"name", "arguments"}}], arguments a JSON string or a dict), tool messages ``tool_call_id`` / ``name``
-(a result without an id answers the earliest unanswered call of the turn before it, by name when it has one).
+(a result without an id answers the earliest unanswered call of the turn before it, by name when it has one, and
+a result without a name takes its call's).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def _normalize_message(i: int, message: Any) -> dict[str, Any]:
 
 
 def _answer_ids(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tool results without a tool_call_id get the id of the call they answer (templates need it)."""
+    """Tool results without a tool_call_id or a name get those of the call they answer (templates need them)."""
     open_calls: list[dict[str, Any]] = []
     for m in conversation:
         if m.get("tool_calls"):
@@ -68,6 +69,7 @@ def _answer_ids(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 m["tool_call_id"] = match["id"]
             if match is not None:
                 open_calls.remove(match)
+                m.setdefault("name", match["function"]["name"])
         else:
             open_calls = []
     return conversation

@@ -32,14 +32,15 @@ class ChatRequestBuilder:
         return self.formatter.tool_format
 
     def prepare(self, messages: list[dict], params: SamplingParams, tools: list[dict] | None = None,
-                tool_choice: Any = None, *, allow_special_tokens: bool = False
+                tool_choice: Any = None, *, parallel_tool_calls: bool = True, allow_special_tokens: bool = False
                 ) -> tuple[list[int], SamplingParams, ToolPlan]:
         """Returns (prompt token ids, params to generate with, the tool plan the output is parsed with).
 
-        Special-token text inside messages stays plain text unless ``allow_special_tokens``."""
+        ``parallel_tool_calls=False``: a forced reply holds exactly one call. Special-token text inside messages
+        stays plain text unless ``allow_special_tokens``."""
         formatter = self.formatter
         plan = ToolPlan.build(formatter.tool_format, tools, tool_choice, reasoning=formatter.reasoning,
-                              marker_ids=self.marker_ids)
+                              marker_ids=self.marker_ids, single_call=not parallel_tool_calls)
         conversation = normalize_messages(messages)
         if is_object_schema(params.guided_json):  # the caller's structured output, not a forced call's schema
             conversation = with_json_instruction(conversation, params.guided_json)

@@ -87,13 +87,17 @@ class LLM:
 
     # ---- chat ------------------------------------------------------------------------------------------
     def chat(self, messages: list[dict], params: SamplingParams | None = None, *, tools: list[dict] | None = None,
-             tool_choice: str | None = None) -> RequestOutput:
-        """One chat turn through the model's chat template; ``tool_calls`` filled when the model calls tools."""
-        return collect(self.chat_stream(messages, params, tools=tools, tool_choice=tool_choice))
+             tool_choice: str | None = None, parallel_tool_calls: bool = True) -> RequestOutput:
+        """One chat turn through the model's chat template; ``tool_calls`` filled when the model calls tools
+        (``choices[i].tool_calls`` for each of n completions). ``parallel_tool_calls=False``: a forced reply holds
+        exactly one call."""
+        return collect(self.chat_stream(messages, params, tools=tools, tool_choice=tool_choice,
+                                        parallel_tool_calls=parallel_tool_calls))
 
     def chat_stream(self, messages: list[dict], params: SamplingParams | None = None, *,
-                    tools: list[dict] | None = None, tool_choice: str | None = None) -> Iterator[RequestOutput]:
-        tool_stream = self._chat_request(messages, params, tools, tool_choice)
+                    tools: list[dict] | None = None, tool_choice: str | None = None,
+                    parallel_tool_calls: bool = True) -> Iterator[RequestOutput]:
+        tool_stream = self._chat_request(messages, params, tools, tool_choice, parallel_tool_calls)
         try:
             for delta in tool_stream.source:
                 yield from tool_stream.feed(delta)
@@ -101,9 +105,9 @@ class LLM:
             tool_stream.source.close()
 
     async def achat_stream(self, messages: list[dict], params: SamplingParams | None = None, *,
-                           tools: list[dict] | None = None, tool_choice: str | None = None
-                           ) -> AsyncIterator[RequestOutput]:
-        tool_stream = self._chat_request(messages, params, tools, tool_choice)
+                           tools: list[dict] | None = None, tool_choice: str | None = None,
+                           parallel_tool_calls: bool = True) -> AsyncIterator[RequestOutput]:
+        tool_stream = self._chat_request(messages, params, tools, tool_choice, parallel_tool_calls)
         try:
             async for delta in tool_stream.source:
                 for out in tool_stream.feed(delta):
@@ -112,10 +116,11 @@ class LLM:
             tool_stream.source.close()
 
     def _chat_request(self, messages: list[dict], params: SamplingParams | None, tools: list[dict] | None,
-                      tool_choice: str | None) -> ToolCallStream:
+                      tool_choice: str | None, parallel_tool_calls: bool = True) -> ToolCallStream:
         engine = self.engine
         params = params or SamplingParams()
-        prompt, params, plan = engine.formatter.prepare(messages, params, tools=tools, tool_choice=tool_choice)
+        prompt, params, plan = engine.formatter.prepare(messages, params, tools=tools, tool_choice=tool_choice,
+                                                        parallel_tool_calls=parallel_tool_calls)
         return ToolCallStream(self._submit(prompt, params), plan)
 
     # ---- tools -----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ class ToolPlan:
     thinking_open: bool = False  # the prompt leaves the model inside <think> (its reply starts with thoughts)
     marker_ids: dict[int, str] = field(default_factory=dict)  # token id -> marker text, restored when skipped
     constrained: str | None = None  # "a forced tool call" / "structured output", for the cut-off error
+    single_call: bool = False  # the caller turned parallel calls off: a forced reply holds exactly one
 
     @classmethod
     def build(cls, fmt: ToolFormat, tools: list[dict[str, Any]] | None, tool_choice: Any,
@@ -46,7 +47,7 @@ class ToolPlan:
 
     def forced_schema(self) -> dict[str, Any]:
         """The JSON schema a forced reply is generated under, in the family's native shape."""
-        return self.format.forced_schema(self.chosen, one=self.mode == "named")
+        return self.format.forced_schema(self.chosen, one=self.single_call or self.mode == "named")
 
     def instruction(self) -> str:
         """What the fallback's tools section says about tool_choice (the grammar is what enforces it)."""
