@@ -5,7 +5,6 @@ through the template each turn. Random weights under the grammar still produce v
 The calls go back into the history under ids of another provider's style ("call_1_0"): generated ids are random
 (a Mistral id is part of the next prompt, which would make the random model's next reply vary run to run), and
 foreign ids are what a Mistral template must have mapped to its 9 characters."""
-from __future__ import annotations
 
 from typing import Literal
 
