@@ -93,3 +93,57 @@ def test_llamaindex_two_tool_turns(family, model_dirs):
         assert llm.get_tool_calls_from_response(final, error_on_no_tool_call=False) is not None
     finally:
         llm.get_llm().shutdown()
+
+
+def test_reasoning_comes_apart_in_both_plugins(model_dirs):
+    """DeepSeek-R1 distill: the prompt opens <think>, so a reply (here cut off before </think>) is all reasoning."""
+    from llama_index.core.base.llms.types import ChatMessage, MessageRole, ThinkingBlock
+
+    from langchain_optimum_nvidia import ChatOptimumNvidia
+    from llamaindex_optimum_nvidia import OptimumNvidiaLLM
+
+    options = {**_options(model_dirs("deepseek-r1-distill-llama")), "max_tokens": 6}
+    chat = ChatOptimumNvidia(**options)
+    try:
+        chunks = list(chat.stream("Why is the sky blue?", ignore_eos=True))
+        message = sum(chunks[1:], chunks[0])
+        reasoning = message.additional_kwargs["reasoning_content"]
+        assert reasoning and message.content == ""
+        assert len([c for c in chunks if c.additional_kwargs.get("reasoning_content")]) >= 2  # streamed as it comes
+        assert {"type": "reasoning", "reasoning": reasoning} in message.content_blocks
+        response = OptimumNvidiaLLM(**options).chat([ChatMessage(role=MessageRole.USER, content="Why is the sky blue?")],
+                                                    ignore_eos=True)
+        thinking = [b for b in response.message.blocks if isinstance(b, ThinkingBlock)]
+        assert thinking and thinking[0].content == reasoning  # the same greedy reply, the same thoughts
+    finally:
+        chat.get_llm().shutdown()
+
+
+def test_cut_off_constrained_output_is_a_length_error_in_both_plugins(model_dirs):
+    from pydantic import BaseModel
+
+    from langchain_core.tools import tool
+    from langchain_optimum_nvidia import ChatOptimumNvidia
+    from llamaindex_optimum_nvidia import OptimumNvidiaLLM
+    from llama_index.core.prompts import PromptTemplate
+    from llama_index.core.tools import FunctionTool
+    from optimum_nvidia_core.outputs import OutputCutOffError
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    options = {**_options(model_dirs("qwen2.5")), "max_tokens": 3}
+    chat = ChatOptimumNvidia(**options)
+    try:
+        with pytest.raises(OutputCutOffError, match=r"structured output was cut off at max_tokens=3.*raise max_tokens"):
+            chat.with_structured_output(City).invoke("Paris?")
+        with pytest.raises(OutputCutOffError, match=r"forced tool call was cut off at max_tokens=3"):
+            chat.bind_tools([tool(get_weather)], tool_choice="any").invoke("Weather?")
+        llm = OptimumNvidiaLLM(**options)
+        with pytest.raises(OutputCutOffError, match=r"forced tool call was cut off at max_tokens=3"):
+            llm.chat_with_tools([FunctionTool.from_defaults(fn=get_weather)], user_msg="Weather?", tool_required=True)
+        with pytest.raises(OutputCutOffError, match="max_tokens=3"):
+            llm.structured_predict(City, PromptTemplate("Paris?"))
+    finally:
+        chat.get_llm().shutdown()
