@@ -59,6 +59,9 @@ class ChatRequestBuilder:
 
 
 def _with_stop_ids(params: SamplingParams, ids: list[int]) -> SamplingParams:
+    """``params`` stopping at the family's end-of-turn tokens too (unless the caller ignores the end of turn)."""
+    if params.ignore_eos:
+        return params
     missing = [i for i in ids if i not in params.stop_token_ids]
     return params.model_copy(update={"stop_token_ids": [*params.stop_token_ids, *missing]}) if missing else params
 

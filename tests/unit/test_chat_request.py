@@ -91,3 +91,10 @@ def test_tool_choice_is_read_once_and_bad_values_are_clear(builder):
     with pytest.raises(ValueError, match="not among the tools"):
         builder.prepare(messages, SamplingParams(), tools=[ADD], tool_choice="mul")
     assert "# Tools" not in _prompt(builder, messages, SamplingParams(), tools=[ADD], tool_choice="none")[0]
+
+
+def test_end_of_turn_tokens_stop_generation_unless_the_end_is_ignored(builder):
+    im_end = builder.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    messages = [{"role": "user", "content": "Hi"}]
+    assert im_end in builder.prepare(messages, SamplingParams())[1].stop_token_ids
+    assert builder.prepare(messages, SamplingParams(ignore_eos=True))[1].stop_token_ids == []
