@@ -5,7 +5,7 @@
 | ``llama3_json`` | Llama 3.1 / 3.2 / 3.3 | ``{"name": ..., "parameters": {...}}`` (``<|python_tag|>`` may open it) |
 | ``hermes`` | Qwen2.5, Hermes 2 Pro / 3 | ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks |
 | ``mistral`` | Mistral v0.3, Nemo, Small | ``[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]``, 9-char ids |
-| ``fallback`` | no tools in the template (SmolLM2, Llama 2, R1 distills) | the Hermes convention, taught in the prompt |
+| ``fallback`` | no tools in template (SmolLM2, Llama 2, R1 distills) | the Hermes convention, taught in the prompt |
 """
 from __future__ import annotations
 
