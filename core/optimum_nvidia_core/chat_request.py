@@ -45,17 +45,15 @@ class ChatRequestBuilder:
         if is_object_schema(params.guided_json):  # the caller's structured output, not a forced call's schema
             conversation = with_json_instruction(conversation, params.guided_json)
         text = formatter.render_plan(conversation, plan, hide_special_text=not allow_special_tokens)
-        constrained = "a forced tool call" if plan.forced else (
-            "structured output" if params.guided_json is not None else None)
         thinking = formatter.reasoning and opens_thinking(text)
-        if thinking and constrained:
+        if thinking and (plan.forced or params.guided_json is not None):  # the grammar covers the answer only
             text, thinking = text + "\n" + THINK_CLOSE + "\n\n", False
         if plan.forced:
             text += plan.format.forced_prefix
             params = params.model_copy(update={"guided_json": plan.forced_schema()})
         params = _with_stop_ids(params, formatter.end_of_turn_ids)
         ids = formatter.guard.encode(text)
-        return ids, params, plan.replace(thinking_open=thinking, constrained=constrained)
+        return ids, params, plan.replace(thinking_open=thinking)
 
 
 def _with_stop_ids(params: SamplingParams, ids: list[int]) -> SamplingParams:

@@ -20,7 +20,6 @@ class ToolPlan:
     reasoning: bool = False  # the family writes <think>...</think> before its answer
     thinking_open: bool = False  # the prompt leaves the model inside <think> (its reply starts with thoughts)
     marker_ids: dict[int, str] = field(default_factory=dict)  # token id -> marker text, restored when skipped
-    constrained: str | None = None  # "a forced tool call" / "structured output", for the cut-off error
     single_call: bool = False  # the caller turned parallel calls off: a forced reply holds exactly one
 
     @classmethod
