@@ -27,6 +27,7 @@ class _Completion:
         self.holding = plan.forced  # a (possible) tool call started: hold everything from here
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] | None = None
+        self.restored: list[str] = []  # openers put back from token ids (their text was skipped)
 
     def keep(self, delta: RequestOutput) -> None:
         self.token_ids += delta.token_ids
@@ -51,7 +52,7 @@ class ToolCallStream:
         c = self._completions.setdefault(delta.index, _Completion(self.plan))
         c.keep(delta)
         ended = delta.finish_reason is not None
-        reasoning, content = c.reasoning.feed(self._text(delta), final=ended)
+        reasoning, content = c.reasoning.feed(self._text(delta, c), final=ended)
         c.content += content
         if ended:
             return [self._finish(c, delta, reasoning)]
@@ -60,13 +61,14 @@ class ToolCallStream:
             return []
         return [dataclasses.replace(delta, text=text, reasoning=reasoning or None, **c.take())]
 
-    def _text(self, delta: RequestOutput) -> str:
+    def _text(self, delta: RequestOutput, c: _Completion) -> str:
         """The delta's text with call openers put back where special tokens were skipped."""
         text = delta.text
         for token in delta.token_ids:
             marker = self.plan.marker_ids.get(token)
             if marker is not None and marker not in text:
                 text = marker + text
+                c.restored.append(marker)
         return text
 
     def _releasable(self, c: _Completion) -> str:
@@ -93,4 +95,7 @@ class ToolCallStream:
         if calls:
             rest = content[len(shown):] if content.startswith(shown) else ""
             return dataclasses.replace(delta, text=rest, tool_calls=calls, finish_reason="tool_calls", **update)
-        return dataclasses.replace(delta, text=c.content[c.emitted:], **update)
+        rest = c.content[c.emitted:]
+        for marker in c.restored:  # not a call after all: the text as the caller's skip_special_tokens shows it
+            rest = rest.replace(marker, "", 1)
+        return dataclasses.replace(delta, text=rest, **update)

@@ -71,6 +71,14 @@ def test_call_openers_count_whether_special_tokens_are_shown_or_not(fmt, pieces,
             [("get_weather", {"city": "Oslo"})]
 
 
+def test_a_skipped_opener_that_starts_no_call_stays_skipped():
+    shown, _, outs = _run(["Hi ", "", "[oops"], _plan(MistralFormat(), marker_ids={7: "[TOOL_CALLS]"}), [5, 7, 8])
+    assert shown == "Hi [oops" and outs[-1].tool_calls == []
+    shown, _, _ = _run(["Hi ", "[TOOL_CALLS]", "[oops"], _plan(MistralFormat(), marker_ids={7: "[TOOL_CALLS]"}),
+                       [5, 7, 8])
+    assert shown == "Hi [TOOL_CALLS][oops"  # shown special tokens stay shown
+
+
 def test_mistral_parallel_calls_and_ids():
     shown, _, outs = _run(["Checking.", "[TOOL_CALLS]", " [{\"name\": \"get_weather\", \"arguments\": {\"city\": "
                            "\"Oslo\"}}, {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}]"],
