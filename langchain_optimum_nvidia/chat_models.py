@@ -24,8 +24,9 @@ from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from pydantic import Field
 
-from optimum_nvidia_core.outputs import RequestOutput
+from optimum_nvidia_core.outputs import RequestOutput, cut_off_error
 from optimum_nvidia_core.sampling_params import SamplingParams
+from optimum_nvidia_core.tool_calls import constrained_reply
 
 from ._settings import OptimumNvidiaFields
 from .messages import chunk_message, to_chat_dicts
@@ -48,6 +49,8 @@ class _ChatRequest:
     parallel_tool_calls: bool
 
     def chunk(self, delta: RequestOutput) -> ChatGenerationChunk:
+        if delta.finish_reason == "length" and (what := constrained_reply(self.params.guided_json, self.tool_choice)):
+            raise cut_off_error(what, self.params.max_tokens)
         if delta.finished and delta.tool_calls and not self.parallel_tool_calls:
             delta = replace(delta, tool_calls=delta.tool_calls[:1])
         message = chunk_message(delta, self.model_name)
@@ -95,7 +98,8 @@ class ChatOptimumNvidia(OptimumNvidiaFields, BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
         llm = self.get_llm(kwargs.get("model"))
-        deltas = llm.chat_stream(request.messages, request.params, tools=request.tools, tool_choice=request.tool_choice)
+        deltas = llm.chat_stream(request.messages, request.params, tools=request.tools, tool_choice=request.tool_choice,
+                                 parallel_tool_calls=request.parallel_tool_calls)
         try:
             for delta in deltas:
                 chunk = request.chunk(delta)
@@ -114,7 +118,8 @@ class ChatOptimumNvidia(OptimumNvidiaFields, BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
         llm = await self.aget_llm(kwargs.get("model"))  # a first call loads the engine off the event loop
-        deltas = llm.achat_stream(request.messages, request.params, tools=request.tools, tool_choice=request.tool_choice)
+        deltas = llm.achat_stream(request.messages, request.params, tools=request.tools,
+                                  tool_choice=request.tool_choice, parallel_tool_calls=request.parallel_tool_calls)
         try:
             async for delta in deltas:
                 chunk = request.chunk(delta)

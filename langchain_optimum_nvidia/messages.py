@@ -82,10 +82,14 @@ def _text(message: BaseMessage, role: str) -> str:
 # ---- core -> LangChain ------------------------------------------------------------------------------------
 def chunk_message(delta: RequestOutput, model_name: str) -> AIMessageChunk:
     """One streamed delta as an AIMessageChunk; only the last one carries tool calls, usage and metadata."""
+    # The <think> part streams in additional_kwargs["reasoning_content"]; langchain-core turns it into a
+    # {"type": "reasoning"} block of message.content_blocks.
+    extra = {"additional_kwargs": {"reasoning_content": delta.reasoning}} if delta.reasoning else {}
     if not delta.finished:
-        return AIMessageChunk(content=delta.text)
+        return AIMessageChunk(content=delta.text, **extra)
     return AIMessageChunk(
         content=delta.text,
+        **extra,
         tool_call_chunks=[
             tool_call_chunk(name=call.name, args=json.dumps(call.arguments, ensure_ascii=False), id=call.id, index=i)
             for i, call in enumerate(delta.tool_calls)

@@ -33,10 +33,12 @@ from optimum_nvidia_core.sampling_params import SamplingParams
 
 from .messages import (
     achat_responses,
+    arefuse_cut_off,
     acompletion_responses,
     chat_responses,
     completion_responses,
     keep_first_tool_call,
+    refuse_cut_off,
     to_chat_dicts,
     to_tool_choice,
     to_tool_specs,
@@ -149,7 +151,8 @@ class OptimumNvidiaLLM(PluginOptions, FunctionCallingLLM):
             messages.append(user_msg)
         specs = to_tool_specs(tools)
         choice = to_tool_choice(tool_choice, tool_required) if specs else None
-        return {"messages": messages, "tools": specs or None, "tool_choice": choice, **kwargs}
+        return {"messages": messages, "tools": specs or None, "tool_choice": choice,
+                "parallel_tool_calls": allow_parallel_tool_calls, **kwargs}
 
     def _validate_chat_with_tools_response(
         self, response: ChatResponse, tools: Sequence[Any], allow_parallel_tool_calls: bool = False, **kwargs: Any
@@ -171,19 +174,24 @@ class OptimumNvidiaLLM(PluginOptions, FunctionCallingLLM):
     # ---- internals: core deltas in, LlamaIndex responses out --------------------------------------------
     def _chat_deltas(self, llm: Any, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
                      ) -> Iterator[RequestOutput]:
-        tools, tool_choice, params = self._chat_arguments(kwargs)
-        return llm.chat_stream(to_chat_dicts(messages), params, tools=tools, tool_choice=tool_choice)
+        tools, tool_choice, parallel, params = self._chat_arguments(kwargs)
+        deltas = llm.chat_stream(to_chat_dicts(messages), params, tools=tools, tool_choice=tool_choice,
+                                 parallel_tool_calls=parallel)
+        return refuse_cut_off(deltas, params, tool_choice)
 
     def _achat_deltas(self, llm: Any, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
                       ) -> AsyncIterator[RequestOutput]:
-        tools, tool_choice, params = self._chat_arguments(kwargs)
-        return llm.achat_stream(to_chat_dicts(messages), params, tools=tools, tool_choice=tool_choice)
+        tools, tool_choice, parallel, params = self._chat_arguments(kwargs)
+        deltas = llm.achat_stream(to_chat_dicts(messages), params, tools=tools, tool_choice=tool_choice,
+                                  parallel_tool_calls=parallel)
+        return arefuse_cut_off(deltas, params, tool_choice)
 
-    def _chat_arguments(self, kwargs: dict[str, Any]) -> tuple[list[dict] | None, str | None, SamplingParams]:
+    def _chat_arguments(self, kwargs: dict[str, Any]) -> tuple[list[dict] | None, Any, bool, SamplingParams]:
         kwargs = dict(kwargs)
         tools = kwargs.pop("tools", None)
         tool_choice = to_tool_choice(kwargs.pop("tool_choice", None), tool_required=False)
-        return tools, tool_choice, self.sampling_params(None, kwargs)
+        parallel = kwargs.pop("parallel_tool_calls", True)
+        return tools, tool_choice, parallel, self.sampling_params(None, kwargs)
 
     def _completion_deltas(self, llm: Any, prompt: str, formatted: bool, kwargs: dict[str, Any]
                            ) -> Iterator[RequestOutput]:

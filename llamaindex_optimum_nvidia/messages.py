@@ -26,7 +26,9 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.llms.llm import ToolSelection
 
-from optimum_nvidia_core.outputs import RequestOutput
+from optimum_nvidia_core.outputs import RequestOutput, cut_off_error
+from optimum_nvidia_core.sampling_params import SamplingParams
+from optimum_nvidia_core.tool_calls import constrained_reply
 
 # LlamaIndex roles -> the four roles chat templates know.
 _ROLES = {
@@ -113,18 +115,10 @@ def to_tool_specs(tools: Sequence[Any]) -> list[dict[str, Any]]:
     return [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools]
 
 
-def to_tool_choice(tool_choice: str | dict[str, Any] | None, tool_required: bool) -> str | None:
-    """The core's tool_choice: None/"auto", "none", "required" or a tool's name (OpenAI dict forms accepted)."""
-    if isinstance(tool_choice, dict):
-        function = tool_choice.get("function") or {}
-        name = function.get("name") or tool_choice.get("name")
-        if not name:
-            raise ValueError(f"tool_choice {tool_choice!r} names no tool; pass a tool name, 'auto', 'none' or "
-                             "'required', or {'type': 'function', 'function': {'name': ...}}")
-        return name
-    if tool_choice in (None, "auto") and tool_required:
-        return "required"
-    return tool_choice
+def to_tool_choice(tool_choice: str | dict[str, Any] | None, tool_required: bool) -> Any:
+    """The tool_choice for the core (which reads every spelling, OpenAI dicts included); LlamaIndex's
+    ``tool_required=True`` forces a call when no tool is named."""
+    return "required" if tool_required and tool_choice in (None, "auto") else tool_choice
 
 
 # ---- core -> LlamaIndex -----------------------------------------------------------------------------------
@@ -143,34 +137,65 @@ def response_kwargs(delta: RequestOutput, model_name: str) -> dict[str, Any]:
     return out
 
 
-def chat_response(text: str, delta: RequestOutput, model_name: str) -> ChatResponse:
-    """The reply so far (``text``) with this step's ``delta``; the last one carries the tool calls as blocks."""
-    blocks: list[Any] = [TextBlock(text=text)] if text or not delta.tool_calls else []
+def chat_response(text: str, delta: RequestOutput, model_name: str, reasoning: str = "") -> ChatResponse:
+    """The reply so far (``text``, and the thinking so far as a ThinkingBlock) with this step's ``delta``; the
+    last one carries the tool calls as blocks."""
+    blocks: list[Any] = [ThinkingBlock(content=reasoning)] if reasoning else []
+    blocks += [TextBlock(text=text)] if text or not delta.tool_calls else []
     blocks += [ToolCallBlock(tool_call_id=call.id, tool_name=call.name, tool_kwargs=call.arguments)
                for call in delta.tool_calls]
     message = ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks)
     kwargs = response_kwargs(delta, model_name)
+    if delta.reasoning:
+        kwargs["thinking_delta"] = delta.reasoning
     return ChatResponse(message=message, delta=delta.text, raw=_raw(delta), additional_kwargs=kwargs)
 
 
-def completion_response(text: str, delta: RequestOutput, model_name: str) -> CompletionResponse:
+def completion_response(text: str, delta: RequestOutput, model_name: str, reasoning: str = "") -> CompletionResponse:
     kwargs = response_kwargs(delta, model_name)
+    if delta.reasoning:
+        kwargs["thinking_delta"] = delta.reasoning
     return CompletionResponse(text=text, delta=delta.text, raw=_raw(delta), additional_kwargs=kwargs)
 
 
 def _responses(deltas: Iterator[RequestOutput], make: Callable, model_name: str) -> Iterator:
-    """One LlamaIndex response per core delta: ``make(text so far, delta, model_name)``."""
-    text = ""
+    """One LlamaIndex response per core delta: ``make(text so far, delta, model_name, reasoning so far)``."""
+    text = reasoning = ""
     for delta in deltas:
-        text += delta.text
-        yield make(text, delta, model_name)
+        text, reasoning = text + delta.text, reasoning + (delta.reasoning or "")
+        yield make(text, delta, model_name, reasoning)
 
 
 async def _aresponses(deltas: AsyncIterator[RequestOutput], make: Callable, model_name: str) -> AsyncIterator:
-    text = ""
+    text = reasoning = ""
     async for delta in deltas:
-        text += delta.text
-        yield make(text, delta, model_name)
+        text, reasoning = text + delta.text, reasoning + (delta.reasoning or "")
+        yield make(text, delta, model_name, reasoning)
+
+
+def refuse_cut_off(deltas: Iterator[RequestOutput], params: SamplingParams, tool_choice: Any
+                   ) -> Iterator[RequestOutput]:
+    """The deltas; a forced call or structured output cut off at max_tokens raises an error that says so."""
+    what = constrained_reply(params.guided_json, tool_choice)
+    try:
+        for delta in deltas:
+            if what and delta.finish_reason == "length":
+                raise cut_off_error(what, params.max_tokens)
+            yield delta
+    finally:
+        deltas.close()
+
+
+async def arefuse_cut_off(deltas: AsyncIterator[RequestOutput], params: SamplingParams, tool_choice: Any
+                          ) -> AsyncIterator[RequestOutput]:
+    what = constrained_reply(params.guided_json, tool_choice)
+    try:
+        async for delta in deltas:
+            if what and delta.finish_reason == "length":
+                raise cut_off_error(what, params.max_tokens)
+            yield delta
+    finally:
+        await deltas.aclose()
 
 
 def chat_responses(model_name: str, deltas: Iterator[RequestOutput]) -> ChatResponseGen:

@@ -1,19 +1,14 @@
-"""Chat messages (+ tools) to a prompt through the model's own chat template.
+"""Chat messages (+ a tool plan) to a prompt through the model's own chat template.
 
-Both plugins and ``LLM.chat`` go through here; nothing else renders chat templates. Tool specs, forced-call
-schemas and parsing generated tool calls live in ``tool_calls.py``.
+Both plugins and ``LLM.chat`` go through here; nothing else renders chat templates. The family's tool format
+(``tool_formats``) is detected here once, from the template and the tokenizer, with what else the template says:
+the tokens that end a turn, whether it demands strict user/assistant alternation, whether it thinks in <think>.
 
 Messages are OpenAI-style dicts: ``{"role": "system" | "user" | "assistant" | "tool", "content": str or a list of
 {"type": "text", "text": ...} parts}``; assistant messages may carry ``tool_calls`` ([{"id", "type": "function",
-"function": {"name", "arguments"}}], arguments a JSON string or a dict), tool messages ``tool_call_id`` / ``name``.
-
-Templates that read ``tools`` (Llama 3.1+, Qwen2.5, Hermes) get them natively. For templates without tool support
-(SmolLM2's plain ChatML) the fallback is the Hermes/Qwen convention, which small instruct models follow best:
-- a system section lists the tools as JSON schemas inside ``<tools></tools>`` and asks for
-  ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``;
-- earlier assistant tool calls are written back in that same form;
-- tool results become a user turn of ``<tool_response>...</tool_response>`` blocks (every template accepts "user";
-  consecutive results share one turn).
+"function": {"name", "arguments"}}], arguments a JSON string or a dict), tool messages ``tool_call_id`` / ``name``
+(a result without an id answers the earliest unanswered call of the turn before it, by name when it has one, and
+a result without a name takes its call's).
 """
 from __future__ import annotations
 
@@ -24,35 +19,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .prompt_encoding import SpecialTextGuard
+from .reasoning import has_reasoning
 from .text_checks import check_unicode
-from .tool_calls import (
-    AUTO_CHOICES,
-    FORCING_CHOICES,
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
-    choice_name,
-    new_call_id,
-    normalize_tools,
-)
+from .tool_calls import new_call_id
+from .tool_formats import FallbackFormat, ToolFormat, ToolPlan, detect_format
 
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 TEXT_PART_TYPES = ("text", "input_text")
-
-FALLBACK_TOOLS_PROMPT = """# Tools
-
-You may call one or more functions to assist with the user query.
-
-You are provided with function signatures within <tools></tools> XML tags:
-<tools>
-{tools}
-</tools>
-
-For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
-<tool_call>
-{{"name": <function-name>, "arguments": <args-json-object>}}
-</tool_call>"""
-
 
 # ---- messages ---------------------------------------------------------------------------------------------------
 def normalize_messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -65,7 +40,7 @@ def normalize_messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]
                         + ("; pass list(messages)" if isinstance(messages, Iterator) else ""))
     if not messages:
         raise ValueError("messages is empty; pass at least one message, e.g. [{'role': 'user', 'content': 'Hi'}]")
-    return [_normalize_message(i, m) for i, m in enumerate(messages)]
+    return _answer_ids([_normalize_message(i, m) for i, m in enumerate(messages)])
 
 
 def _normalize_message(i: int, message: Any) -> dict[str, Any]:
@@ -84,6 +59,25 @@ def _normalize_message(i: int, message: Any) -> dict[str, Any]:
             if message.get(key) is not None:
                 out[key] = check_unicode(str(message[key]), f"{where} {key}")
     return out
+
+
+def _answer_ids(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool results without a tool_call_id or a name get those of the call they answer (templates need them)."""
+    open_calls: list[dict[str, Any]] = []
+    for m in conversation:
+        if m.get("tool_calls"):
+            open_calls = list(m["tool_calls"])
+        elif m["role"] == "tool":
+            match = next((c for c in open_calls if c["id"] == m.get("tool_call_id")), None)
+            if match is None and "tool_call_id" not in m and open_calls:
+                match = next((c for c in open_calls if c["function"]["name"] == m.get("name")), open_calls[0])
+                m["tool_call_id"] = match["id"]
+            if match is not None:
+                open_calls.remove(match)
+                m.setdefault("name", match["function"]["name"])
+        else:
+            open_calls = []
+    return conversation
 
 
 def _text_content(content: Any, where: str, role: str) -> str:
@@ -132,7 +126,7 @@ def _normalize_call(call: Any, where: str) -> dict[str, Any]:
 
 # ---- the formatter ----------------------------------------------------------------------------------------------
 class ChatFormatter:
-    """Renders messages (+ tools) through the model's chat template.
+    """Renders messages (+ a tool plan) through the model's chat template.
 
     ``chat_template`` overrides the tokenizer's; ``model_dir`` is searched for chat_template.jinja/.json when the
     tokenizer carries none.
@@ -141,27 +135,42 @@ class ChatFormatter:
     def __init__(self, tokenizer: Any, model_dir: str | Path | None = None, chat_template: str | None = None):
         self.tokenizer = tokenizer
         self.chat_template = chat_template or _template_from_dir(tokenizer, model_dir)
-        # The template used when tools are given (a tokenizer may keep a separate "tool_use" one).
-        template = self._template(tools=[], strict=False)
-        self.native_tools = template is not None and _reads_tools(template)
-        # Templates of the Hermes/Qwen family (and our fallback) open calls with <tool_call>; Llama 3.x emits bare JSON.
-        use_tag = not self.native_tools or TOOL_CALL_OPEN in template
-        self.tool_call_prefix = TOOL_CALL_OPEN + "\n" if use_tag else ""
+        template = self._template(tools=[], strict=False)  # the one used with tools (maybe a "tool_use" one)
+        self.tool_format: ToolFormat = detect_format(template, template is not None and _reads_tools(template),
+                                                     tokenizer)
+        self.reasoning = has_reasoning(template, tokenizer)
+        self.guard = SpecialTextGuard(tokenizer)
 
+    # ---- rendering ---------------------------------------------------------------------------------------
     def render(self, messages: list[Mapping[str, Any]], tools: list[Mapping[str, Any]] | None = None,
                add_generation_prompt: bool = True, tool_choice: Any = None) -> str:
-        """The prompt text. ``tool_choice`` "none" leaves the tools out; a forced choice is said in the fallback's
-        instructions (the grammar, not the prompt, is what enforces it)."""
-        conversation = normalize_messages(messages)
-        tools = normalize_tools(tools) if tool_choice != "none" else []
-        template = self._template(tools or None)
-        native = _reads_tools(template)
-        if not native:
-            conversation = _fallback_conversation(conversation, tools, tool_choice)
+        """The prompt text, exactly as the template writes it."""
+        plan = ToolPlan.build(self.tool_format, tools, tool_choice)
+        return self.render_plan(normalize_messages(messages), plan, add_generation_prompt=add_generation_prompt)
+
+    def render_plan(self, conversation: list[dict[str, Any]], plan: ToolPlan, add_generation_prompt: bool = True,
+                    hide_special_text: bool = False) -> str:
+        """The prompt for normalized messages under ``plan``; with ``hide_special_text``, special-token text in
+        the messages is left as placeholders for ``SpecialTextGuard.encode``."""
+        template = self._template(plan.tools or None)
+        fmt = plan.format
+        if fmt.native and _reads_tools(template):
+            conversation = fmt.history(conversation)
+            tools = plan.tools or None
+        else:
+            fallback = fmt if isinstance(fmt, FallbackFormat) else FallbackFormat()
+            conversation = fallback.conversation(conversation, plan.tools, plan.instruction(), self.alternates)
+            tools = None
+        if hide_special_text:
+            conversation = [{**m, "content": self.guard.hide(m["content"])} for m in conversation]
+        return self._apply(template, conversation, tools, add_generation_prompt)
+
+    def _apply(self, template: str, conversation: list[dict[str, Any]], tools: list[dict] | None,
+               add_generation_prompt: bool) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                conversation, tools=(tools or None) if native else None, chat_template=template,
-                add_generation_prompt=add_generation_prompt, tokenize=False, return_dict=False)
+                conversation, tools=tools, chat_template=template, add_generation_prompt=add_generation_prompt,
+                tokenize=False, return_dict=False)
         except Exception as exc:  # jinja2 errors, the template's raise_exception(), KeyError/TypeError inside it
             if type(exc).__name__ == "TemplateSyntaxError":  # jinja2's: the template itself is broken
                 raise ValueError(f"the model's chat template is not valid Jinja (line {exc.lineno}: {exc}); fix "
@@ -169,8 +178,40 @@ class ChatFormatter:
             roles = [m["role"] for m in conversation]
             raise ValueError(
                 f"the model's chat template rejected these messages (roles {roles}): {type(exc).__name__}: {exc}. "
-                "Reorder them as this template expects, e.g. one system message first, then user and assistant "
-                "turns alternating, ending with a user or tool turn") from exc
+                "Check the conversation against what this model's template accepts (e.g. one system message "
+                "first, then user and assistant turns, ending with a user or tool turn)") from exc
+
+    # ---- what the template says about itself -------------------------------------------------------------
+    @functools.cached_property
+    def alternates(self) -> bool:
+        """Whether the template refuses two user turns in a row (Llama 2): the fallback then merges them."""
+        if self._template(None, strict=False) is None:
+            return False
+        return self._probe([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], True) is None
+
+    @functools.cached_property
+    def end_of_turn_ids(self) -> list[int]:
+        """Ids of the tokens that end an assistant turn: the one the template closes turns with, and the
+        format's others (Llama 3's <|eom_id|> after a built-in tool call)."""
+        vocab = getattr(self.tokenizer, "added_tokens_encoder", {}) or {}
+        texts = [t for t in (self._turn_end_text(),) if t] + list(self.tool_format.extra_end_of_turn)
+        return sorted({vocab[t] for t in texts if t in vocab})
+
+    def _turn_end_text(self) -> str | None:
+        text = self._probe([{"role": "user", "content": "\x01q"}, {"role": "assistant", "content": "\x01a"}], False)
+        after = text[text.find("\x01a") + 2:].lstrip(" ") if text and "\x01a" in text else ""
+        return next((t for t in self.guard.specials if after.startswith(t)), None)
+
+    def _probe(self, conversation: list[dict[str, Any]], add_generation_prompt: bool) -> str | None:
+        """The template's rendering of a probe conversation (None if it refuses it), without tools or, for
+        templates that need them (Hermes' tool_use), with an empty list."""
+        template = self._template(None, strict=False)
+        for tools in (None, []):
+            try:
+                return self._apply(template, conversation, tools, add_generation_prompt) if template else None
+            except ValueError:
+                continue
+        return None
 
     def _template(self, tools: list[dict] | None, strict: bool = True) -> str | None:
         if self.chat_template is not None:
@@ -207,48 +248,3 @@ def _reads_tools(template: str) -> bool:
         return "tools" in meta.find_undeclared_variables(env.parse(template))
     except jinja2.TemplateSyntaxError:  # e.g. transformers' own {% generation %} tag: fall back to a word search
         return re.search(r"\btools\b", template) is not None
-
-
-def _fallback_conversation(messages: list[dict[str, Any]], tools: list[dict[str, Any]],
-                           tool_choice: Any) -> list[dict[str, Any]]:
-    """Plain role/content turns any template takes: tools in the system turn, calls and results as text."""
-    out: list[dict[str, Any]] = []
-    results_turn: dict[str, Any] | None = None  # the user turn collecting consecutive tool results
-    for m in messages:
-        if m["role"] == "tool":
-            block = f"<tool_response>\n{m['content']}\n</tool_response>"
-            if results_turn is not None:
-                results_turn["content"] += "\n" + block
-            else:
-                results_turn = {"role": "user", "content": block}
-                out.append(results_turn)
-            continue
-        results_turn = None
-        content = m["content"]
-        if m.get("tool_calls"):
-            calls = [_call_text(c["function"]) for c in m["tool_calls"]]
-            content = "\n".join(([content] if content else []) + calls)
-        out.append({"role": m["role"], "content": content})
-    if tools:
-        section = fallback_tools_prompt(tools, tool_choice)
-        if out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + section}
-        else:
-            out.insert(0, {"role": "system", "content": section})
-    return out
-
-
-def _call_text(fn: Mapping[str, Any]) -> str:
-    payload = json.dumps({"name": fn["name"], "arguments": fn["arguments"]}, ensure_ascii=False)
-    return f"{TOOL_CALL_OPEN}\n{payload}\n{TOOL_CALL_CLOSE}"
-
-
-def fallback_tools_prompt(tools: list[dict[str, Any]], tool_choice: Any = None) -> str:
-    """The system section that teaches a template without tool support the <tool_call> convention."""
-    listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    text = FALLBACK_TOOLS_PROMPT.format(tools=listing)
-    if tool_choice is True or tool_choice in FORCING_CHOICES:
-        text += "\n\nYou must call at least one function."
-    elif tool_choice not in AUTO_CHOICES and tool_choice is not False:
-        text += f"\n\nCall the function {choice_name(tool_choice)!r}."
-    return text

@@ -51,7 +51,7 @@ class InputProcessor:
         return ids
 
     def prepare_chat(self, messages: list[dict], params: SamplingParams, tools: list[dict] | None,
-                     tool_choice: str | None) -> tuple[list[int], SamplingParams, Any]:
+                     tool_choice: str | None, parallel_tool_calls: bool = True) -> tuple[list[int], SamplingParams, Any]:
         """(prompt ids, params to generate with, the chat request's tool plan) for one chat turn."""
         if self._chat is None:
             from pathlib import Path
@@ -59,4 +59,5 @@ class InputProcessor:
             from .chat_request import ChatRequestBuilder
 
             self._chat = ChatRequestBuilder(self.tokenizer, Path(self.info.model_dir))
-        return self._chat.prepare(messages, params, tools=tools, tool_choice=tool_choice)
+        return self._chat.prepare(messages, params, tools=tools, tool_choice=tool_choice,
+                                  parallel_tool_calls=parallel_tool_calls)

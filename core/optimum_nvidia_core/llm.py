@@ -110,13 +110,17 @@ class LLM:
 
     # ---- chat ------------------------------------------------------------------------------------------
     def chat(self, messages: list[dict], params: SamplingParams | None = None, *, tools: list[dict] | None = None,
-             tool_choice: str | None = None) -> RequestOutput:
-        """One chat turn through the model's chat template; ``tool_calls`` filled when the model calls tools."""
-        return collect(self.chat_stream(messages, params, tools=tools, tool_choice=tool_choice))
+             tool_choice: str | None = None, parallel_tool_calls: bool = True) -> RequestOutput:
+        """One chat turn through the model's chat template; ``tool_calls`` filled when the model calls tools
+        (``choices[i].tool_calls`` for each of n completions). ``parallel_tool_calls=False``: a forced reply holds
+        exactly one call."""
+        return collect(self.chat_stream(messages, params, tools=tools, tool_choice=tool_choice,
+                                        parallel_tool_calls=parallel_tool_calls))
 
     def chat_stream(self, messages: list[dict], params: SamplingParams | None = None, *,
-                    tools: list[dict] | None = None, tool_choice: str | None = None) -> Iterator[RequestOutput]:
-        tool_stream = self._chat_request(messages, params, tools, tool_choice)
+                    tools: list[dict] | None = None, tool_choice: str | None = None,
+                    parallel_tool_calls: bool = True) -> Iterator[RequestOutput]:
+        tool_stream = self._chat_request(messages, params, tools, tool_choice, parallel_tool_calls)
         try:
             for delta in tool_stream.source:
                 yield from tool_stream.feed(delta)
@@ -124,10 +128,11 @@ class LLM:
             tool_stream.source.close()
 
     async def achat_stream(self, messages: list[dict], params: SamplingParams | None = None, *,
-                           tools: list[dict] | None = None, tool_choice: str | None = None
-                           ) -> AsyncIterator[RequestOutput]:
+                           tools: list[dict] | None = None, tool_choice: str | None = None,
+                           parallel_tool_calls: bool = True) -> AsyncIterator[RequestOutput]:
         # The chat template, tools and tokenization run on a worker thread, not on the caller's event loop.
-        tool_stream = await asyncio.to_thread(self._chat_request, messages, params, tools, tool_choice)
+        tool_stream = await asyncio.to_thread(self._chat_request, messages, params, tools, tool_choice,
+                                              parallel_tool_calls)
         try:
             async for delta in tool_stream.source:
                 for out in tool_stream.feed(delta):
@@ -136,11 +141,11 @@ class LLM:
             tool_stream.source.close()
 
     def _chat_request(self, messages: list[dict], params: SamplingParams | None, tools: list[dict] | None,
-                      tool_choice: str | None) -> ToolCallStream:
+                      tool_choice: str | None, parallel_tool_calls: bool = True) -> ToolCallStream:
         worker = self._live_worker()
         params = params or SamplingParams()
-        prompt, params, forced = worker.inputs.prepare_chat(messages, params, tools, tool_choice)
-        return ToolCallStream(self._submit(prompt, params), tools or [], forced=forced)
+        prompt, params, plan = worker.inputs.prepare_chat(messages, params, tools, tool_choice, parallel_tool_calls)
+        return ToolCallStream(self._submit(prompt, params), plan)
 
     # ---- tools -----------------------------------------------------------------------------------------
     def perplexity(self, text: str) -> float:
@@ -190,6 +195,9 @@ def collect(deltas: Iterable[RequestOutput]) -> RequestOutput:
         c.token_ids.extend(delta.token_ids)
         if delta.logprobs:
             c.logprobs = (c.logprobs or []) + delta.logprobs
+        if delta.reasoning:
+            c.reasoning = (c.reasoning or "") + delta.reasoning
+        c.tool_calls.extend(delta.tool_calls)
         if delta.finish_reason is not None:
             c.finish_reason = delta.finish_reason
         last = delta
@@ -200,7 +208,7 @@ def collect(deltas: Iterable[RequestOutput]) -> RequestOutput:
     return RequestOutput(
         request_id=last.request_id, text=first.text, token_ids=first.token_ids, finish_reason=first.finish_reason,
         finished=True, usage=last.usage, metrics=last.metrics, logprobs=first.logprobs, choices=ordered,
-        tool_calls=last.tool_calls,
+        tool_calls=first.tool_calls, error=last.error, reasoning=first.reasoning,
     )
 
 

@@ -51,13 +51,15 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob} for the top-N and the sampled
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    reasoning: str | None = None  # the <think> part of a reasoning model's reply
 
 
 @dataclass
 class RequestOutput:
     """A finished request (``generate``/``chat``) or one streamed delta (``stream``/``astream``).
 
-    For a delta, ``text`` and ``token_ids`` are the new part only, ``index`` says which of the n completions it
+    For a delta, ``text``, ``reasoning`` and ``token_ids`` are the new part only, ``index`` says which of the n completions it
     belongs to, and only the last delta of a request has ``finished=True``, ``finish_reason``, ``usage``, ``metrics``.
     """
 
@@ -73,3 +75,18 @@ class RequestOutput:
     choices: list[Completion] = field(default_factory=list)  # all n completions, for a finished n > 1 request
     tool_calls: list[ToolCall] = field(default_factory=list)  # filled by LLM.chat when tools were given
     error: str | None = None
+    reasoning: str | None = None  # a reasoning model's <think> part (a delta's new part), apart from ``text``
+
+
+class OutputCutOffError(ValueError):
+    """A constrained reply (a forced tool call, structured output) was cut off at max_tokens before it was
+    complete, so there is no call or object to return."""
+
+
+def cut_off_error(what: str, max_tokens: int | None) -> OutputCutOffError:
+    """The error both plugins raise for a constrained reply that ended with finish_reason "length"."""
+    if max_tokens is None:
+        fix = "shorten the prompt or build the engine with a larger max_seq_len (the context window is full)"
+    else:
+        fix = f"raise max_tokens (e.g. max_tokens={max(2 * max_tokens, max_tokens + 64)})"
+    return OutputCutOffError(f"{what} was cut off at max_tokens={max_tokens} before it was complete; {fix}")

@@ -1,30 +1,23 @@
-"""Tool specs, tool_choice, forced-call schemas and tool-call parsing: the tool half of a chat request.
+"""Tool specs and tool_choice: validated once per request, read by the tool plan (``tool_formats.plan``).
 
 Tools are OpenAI function specs: ``{"type": "function", "function": {"name", "description", "parameters"}}``
-(a bare ``{"name", "description", "parameters"}`` works too). ``chat.ChatFormatter`` puts them in the prompt;
-this module validates them, builds the JSON schema a forced call is generated under (``tool_call_schema``) and
-reads calls back out of generated text (``parse_tool_calls``).
+(a bare ``{"name", "description", "parameters"}`` works too). ``tool_choice`` is understood here and nowhere else,
+in every spelling LangChain, LlamaIndex and OpenAI use. Nothing here knows a model's tool format or its template.
 """
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 from .guided import check_json_schema, function_call_schema
-from .outputs import ToolCall
 from .text_checks import check_unicode
 
-if TYPE_CHECKING:
-    from .chat import ChatFormatter
-
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-PYTHON_TAG = "<|python_tag|>"  # Llama 3.x prefix before a JSON tool call
 TOOL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
-FORCING_CHOICES = ("any", "required")
-AUTO_CHOICES = (None, "auto", "none")
+ChoiceMode = Literal["none", "auto", "required", "named"]
+_AUTO = (None, "auto", False)
+_REQUIRED = (True, "any", "required")
 
 
 def new_call_id() -> str:
@@ -79,124 +72,58 @@ def _function_spec(i: int, tool: Any) -> dict[str, Any]:
     return {"name": name, "description": description, "parameters": parameters}
 
 
-def tool_names(tools: list[Mapping[str, Any]] | None) -> list[str]:
-    """Names of OpenAI specs or bare function dicts, without validating them (cheap; used when parsing)."""
-    return [t.get("function", t).get("name") for t in tools or [] if isinstance(t, Mapping)]
+# ---- tool_choice ------------------------------------------------------------------------------------------------
+def parse_tool_choice(tool_choice: Any, names: list[str]) -> tuple[ChoiceMode, str | None]:
+    """(mode, tool name) for any spelling of ``tool_choice``; ``names`` are the tools offered.
 
-
-def tool_call_schema(tools: list[Mapping[str, Any]], tool_choice: Any) -> dict[str, Any] | None:
-    """The JSON schema a forced call is generated under: {"name": const, "arguments": <the tool's parameters>}.
-
-    ``tool_choice``: "any" / "required" / True -> any of the tools; a tool's name (or {"type": "function",
-    "function": {"name": ...}}) -> that tool; None / "auto" / "none" -> None (nothing forced).
+    None / "auto" / False -> auto; "none" -> none; "any" / "required" / True -> required; a tool's name,
+    {"type": "function", "function": {"name": ...}} or {"name": ...} -> named. Raises ValueError naming the fix.
     """
-    if tool_choice in AUTO_CHOICES or tool_choice is False:
-        return None
-    tools = normalize_tools(tools)
-    if not tools:
+    mode, name = _choice(tool_choice)
+    if mode in ("required", "named") and not names:
         raise ValueError(f"tool_choice={tool_choice!r} needs tools; pass tools=[...] or tool_choice=None")
-    if tool_choice is True or tool_choice in FORCING_CHOICES:
-        chosen = tools
-    else:
-        name = choice_name(tool_choice)
-        chosen = [t for t in tools if t["function"]["name"] == name]
-        if not chosen:
-            raise ValueError(f"tool_choice names the tool {name!r}, which is not among the tools "
-                             f"{tool_names(tools)}; pass one of those names, 'any', 'required', 'auto' or 'none'")
-    return function_call_schema([t["function"] for t in chosen])
+    if mode == "named" and name not in names:
+        raise ValueError(f"tool_choice names the tool {name!r}, which is not among the tools {names}; pass one "
+                         "of those names, 'any', 'required', 'auto' or 'none'")
+    return mode, name
 
 
-def choice_name(tool_choice: Any) -> str:
-    """The tool a ``tool_choice`` names: a name, or {"type": "function", "function": {"name": ...}}."""
-    if isinstance(tool_choice, str):
-        return tool_choice
+def _choice(tool_choice: Any) -> tuple[ChoiceMode, str | None]:
+    if tool_choice is None or tool_choice is False or (isinstance(tool_choice, str) and tool_choice == "auto"):
+        return "auto", None
+    if tool_choice is True or (isinstance(tool_choice, str) and tool_choice in ("any", "required")):
+        return "required", None
+    if tool_choice == "none":
+        return "none", None
+    if isinstance(tool_choice, str) and tool_choice:
+        return "named", tool_choice
     if isinstance(tool_choice, Mapping):
         fn = tool_choice.get("function", tool_choice)
         if isinstance(fn, Mapping) and isinstance(fn.get("name"), str):
-            return fn["name"]
+            return "named", fn["name"]
+        if tool_choice.get("type") in ("auto", "any", "required", "none"):  # {"type": "any"} (Anthropic style)
+            return _choice(tool_choice["type"])
     raise ValueError(f"tool_choice {tool_choice!r} is not understood; pass 'auto', 'none', 'any', 'required', a "
                      "tool's name or {'type': 'function', 'function': {'name': ...}}")
 
 
-def forced_call_prefix(formatter: "ChatFormatter") -> str:
-    """Text to append after the generation prompt so that a forced call only has to be a JSON object."""
-    return formatter.tool_call_prefix
-
-
-def wrap_forced_call(generated_json: str, formatter: "ChatFormatter") -> str:
-    """The forced call as the model would have written it (prefix + JSON + closing tag): ``parse_tool_calls`` and
-    the chat history both read it."""
-    prefix = formatter.tool_call_prefix
-    closing = "\n" + TOOL_CALL_CLOSE if TOOL_CALL_OPEN in prefix else ""
-    return prefix + generated_json + closing
-
-
-# ---- parsing ----------------------------------------------------------------------------------------------------
-def parse_tool_calls(text: str, tools: list[Mapping[str, Any]] | None = None) -> tuple[str, list[ToolCall]]:
-    """Split generated text into (content, tool calls).
-
-    Understands ``<tool_call>{...}</tool_call>`` blocks (Hermes/Qwen; the closing tag may be cut off), and a reply
-    that is only JSON (Llama 3.x ``{"name": ..., "parameters": {...}}``, optionally after ``<|python_tag|>`` or in a
-    ```json fence; "arguments" works too; an object, a list, or several separated by ';'). Calls to names not in
-    ``tools`` (when given) are not calls: their text stays in the content, so nothing is lost.
-    """
-    allowed = None if tools is None else set(tool_names(tools))
-    calls: list[ToolCall] = []
-    pieces, last = [], 0
-    for block in re.finditer(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)",
-                             text, flags=re.DOTALL):
-        found = _calls_in(block.group(1), allowed)
-        if found:
-            calls += found
-            pieces.append(text[last:block.start()])
-            last = block.end()
-    if calls:
-        return ("".join(pieces) + text[last:]).strip(), calls
-    found = _calls_in(_strip_wrappers(text), allowed)
-    return ("", found) if found else (text, [])
-
-
-def _strip_wrappers(text: str) -> str:
-    body = text.strip()
-    if body.startswith(PYTHON_TAG):
-        body = body[len(PYTHON_TAG):].strip()
-    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL)
-    return fence.group(1) if fence else body
-
-
-def _calls_in(payload: str, allowed: set[str] | None) -> list[ToolCall]:
-    """All calls in ``payload`` if it is nothing but call objects, else []."""
-    values = _json_values(payload)
-    calls = [_as_call(v, allowed) for v in values or []]
-    return calls if calls and all(calls) else []  # type: ignore[return-value]
-
-
-def _json_values(payload: str) -> list[Any] | None:
-    """The JSON values making up all of ``payload`` (lists flattened), or None if anything else is there."""
-    decoder, values, i = json.JSONDecoder(), [], 0
-    while True:
-        while i < len(payload) and payload[i] in " \t\r\n;,":
-            i += 1
-        if i == len(payload):
-            return values
-        try:
-            value, i = decoder.raw_decode(payload, i)
-        except ValueError:
-            return None
-        values.extend(value if isinstance(value, list) else [value])
-
-
-def _as_call(value: Any, allowed: set[str] | None) -> ToolCall | None:
-    if not isinstance(value, dict):
+def tool_call_schema(tools: list[Mapping[str, Any]], tool_choice: Any) -> dict[str, Any] | None:
+    """The generic schema of one call, {"name": const, "arguments": <parameters>}, for a forcing ``tool_choice``
+    (None when nothing is forced). A model family's own shape comes from its format (``tool_formats``)."""
+    specs = normalize_tools(tools)
+    mode, name = parse_tool_choice(tool_choice, [t["function"]["name"] for t in specs])
+    if mode in ("auto", "none"):
         return None
-    fn = value.get("function") if isinstance(value.get("function"), dict) else value
-    name = fn.get("name")
-    args = fn.get("arguments", fn.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except ValueError:
-            return None
-    if not isinstance(name, str) or not isinstance(args, dict) or (allowed is not None and name not in allowed):
+    return function_call_schema([t["function"] for t in specs if mode == "required" or t["function"]["name"] == name])
+
+
+def constrained_reply(guided_json: Any, tool_choice: Any) -> str | None:
+    """What a request's reply is constrained to ("the forced tool call", "the structured output"), or None; the
+    plugins name it in the error for a reply cut off at max_tokens."""
+    if guided_json is not None:
+        return "the structured output"
+    try:
+        mode, _ = _choice(tool_choice)
+    except ValueError:
         return None
-    return ToolCall(id=new_call_id(), name=name, arguments=args)
+    return "the forced tool call" if mode in ("required", "named") else None

@@ -1,4 +1,5 @@
-"""chat.py + tool_calls.py: messages and tools through chat templates, tool-call parsing, forced-call schemas.
+"""chat.py + tool_calls.py + tool_formats: messages and tools through chat templates, tool-call parsing,
+forced-call schemas (the real templates of other families are in test_tool_formats.py).
 
 Uses the real SmolLM2 tokenizer (plain ChatML, no tool support -> the <tool_call> fallback) and, through
 ``chat_template=``, a Llama-3.1-style template that reads ``tools`` and a strict template that raises.
@@ -11,9 +12,12 @@ import json
 import pytest
 
 from optimum_nvidia_core.chat import ChatFormatter, normalize_messages
-from optimum_nvidia_core.tool_calls import (
-    forced_call_prefix, normalize_tools, parse_tool_calls, tool_call_schema, wrap_forced_call,
-)
+from optimum_nvidia_core.tool_calls import normalize_tools, tool_call_schema
+from optimum_nvidia_core.tool_formats import FallbackFormat, Llama3Format
+
+
+def parse_tool_calls(text, tools, fmt=FallbackFormat()):
+    return fmt.parse(text, {t["function"]["name"] for t in normalize_tools(tools)})
 
 
 LLAMA3_TOOLS_TEMPLATE = """{{- bos_token }}
@@ -110,9 +114,20 @@ def test_template_that_raises_becomes_a_clear_error(tokenizer):
     strict = ChatFormatter(tokenizer, chat_template=STRICT_TEMPLATE)
     assert strict.render([user("a"), {"role": "assistant", "content": "b"}], add_generation_prompt=False) \
         == "[user] a\n[assistant] b\n"
-    with pytest.raises(ValueError, match=r"chat template rejected these messages \(roles \['user', 'user'\]\).*"
-                                         r"must alternate.*Reorder"):
-        strict.render([user("a"), user("b")])
+    with pytest.raises(ValueError, match=r"chat template rejected these messages \(roles \['assistant'\]\).*"
+                                         r"must alternate.*Check the conversation"):
+        strict.render([{"role": "assistant", "content": "b"}])
+
+
+def test_a_template_that_demands_alternation_gets_merged_user_turns(tokenizer):
+    """Llama 2 style: a tool result and the user's next question are one user turn, not two."""
+    strict = ChatFormatter(tokenizer, chat_template=STRICT_TEMPLATE)
+    assert strict.alternates and not ChatFormatter(tokenizer).alternates
+    assert strict.render([user("a"), user("b")]) == "[user] a\nb\n"
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+    text = strict.render([user("1+2?"), {"role": "assistant", "content": "", "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "c1", "content": "3"}, user("and 2+2?")])
+    assert text.endswith("[user] <tool_response>\n3\n</tool_response>\nand 2+2?\n")
 
 
 def test_missing_template_is_a_clear_error_or_read_from_model_dir(tokenizer, tmp_path):
@@ -126,7 +141,7 @@ def test_missing_template_is_a_clear_error_or_read_from_model_dir(tokenizer, tmp
 
 # ---- tools in prompts -------------------------------------------------------------------------------------------
 def test_fallback_lists_tools_in_a_system_turn(smol):
-    assert not smol.native_tools and smol.tool_call_prefix == "<tool_call>\n"
+    assert smol.tool_format.name == "fallback" and smol.tool_format.forced_prefix == "<tool_call>\n"
     text = smol.render([user("Weather in Paris?")], TOOLS)
     system = text.split("<|im_end|>")[0]
     assert system.startswith("<|im_start|>system\n# Tools")
@@ -156,7 +171,7 @@ def test_fallback_history_round_trips_calls_and_results(smol):
 
 def test_native_template_gets_tools_and_dict_arguments(tokenizer):
     llama = ChatFormatter(tokenizer, chat_template=LLAMA3_TOOLS_TEMPLATE)
-    assert llama.native_tools and llama.tool_call_prefix == ""
+    assert llama.tool_format.name == "llama3_json" and llama.tool_format.forced_prefix == ""
     messages = [user("2+3?"), {"role": "assistant", "content": "", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "5"}]
@@ -203,8 +218,7 @@ def test_normalized_messages_carry_dict_arguments_and_ids():
      '<tool_call>{"name": "add", "arguments": "{\\"a\\": 1, \\"b\\": 1}"}</tool_call>', "Let me check.",
      [("get_weather", {"city": "Oslo"}), ("add", {"a": 1, "b": 1})]),
     ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}', "", [("add", {"a": 1, "b": 2})]),  # cut off
-    ('{"name": "add", "parameters": {"a": 4, "b": 5}}', "", [("add", {"a": 4, "b": 5})]),  # Llama 3
-    ('<|python_tag|>{"name": "add", "parameters": {"a": 4, "b": 5}}', "", [("add", {"a": 4, "b": 5})]),
+    ('{"name": "add", "parameters": {"a": 4, "b": 5}}', "", [("add", {"a": 4, "b": 5})]),  # Llama 3 style
     ('```json\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n```', "", [("get_weather", {"city": "Rome"})]),
     ('[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "add", "arguments": {"a": 3, "b": 4}}]', "",
      [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
@@ -233,9 +247,16 @@ def test_non_calls_stay_content(text):
     assert parse_tool_calls(text, TOOLS) == (text, [])
 
 
-def test_without_tools_any_name_is_a_call():
-    content, calls = parse_tool_calls('{"name": "anything", "arguments": {}}', None)
-    assert content == "" and calls[0].name == "anything"
+@pytest.mark.parametrize("text, content, calls", [
+    ('{"name": "add", "parameters": {"a": 4, "b": 5}}', "", [("add", {"a": 4, "b": 5})]),
+    ('<|python_tag|>{"name": "add", "parameters": {"a": 4, "b": 5}}', "", [("add", {"a": 4, "b": 5})]),
+    ('{"name": "add", "parameters": {"a": 1, "b": 2}}; {"name": "add", "parameters": {"a": 3, "b": 4}}', "",
+     [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
+    ("The answer is 42.", "The answer is 42.", []),
+])
+def test_llama3_parsing(text, content, calls):
+    got_content, got = parse_tool_calls(text, TOOLS, Llama3Format())
+    assert (got_content, [(c.name, c.arguments) for c in got]) == (content, calls)
 
 
 # ---- forced calls -----------------------------------------------------------------------------------------------
@@ -276,18 +297,18 @@ def test_tool_call_schema_moves_refs_to_the_root():
 
 
 def test_forced_prefix_and_wrap_round_trip(smol, tokenizer):
-    assert forced_call_prefix(smol) == "<tool_call>\n"
-    wrapped = wrap_forced_call('{"name": "add", "arguments": {"a": 1, "b": 2}}', smol)
+    fmt = smol.tool_format
+    wrapped = fmt.wrap_forced('{"name": "add", "arguments": {"a": 1, "b": 2}}')
     assert wrapped.startswith("<tool_call>\n") and wrapped.endswith("\n</tool_call>")
     assert [(c.name, c.arguments) for c in parse_tool_calls(wrapped, TOOLS)[1]] == [("add", {"a": 1, "b": 2})]
-    llama = ChatFormatter(tokenizer, chat_template=LLAMA3_TOOLS_TEMPLATE)
-    assert wrap_forced_call('{"name": "add", "arguments": {}}', llama) == '{"name": "add", "arguments": {}}'
+    llama = ChatFormatter(tokenizer, chat_template=LLAMA3_TOOLS_TEMPLATE).tool_format
+    assert llama.wrap_forced('{"name": "add", "parameters": {}}') == '{"name": "add", "parameters": {}}'
 
 
 def test_separate_tool_use_template_is_picked_when_tools_are_given(tokenizer):
     both = copy.copy(tokenizer)
     both.chat_template = {"default": STRICT_TEMPLATE, "tool_use": LLAMA3_TOOLS_TEMPLATE}
     formatter = ChatFormatter(both)
-    assert formatter.native_tools and formatter.tool_call_prefix == ""
+    assert formatter.tool_format.name == "llama3_json"
     assert formatter.render([user("hi")]) == "[user] hi\n"
     assert "Respond with a JSON for a function call" in formatter.render([user("hi")], [ADD])

@@ -67,15 +67,18 @@ def test_non_text_blocks_are_refused_with_a_clear_error():
 @pytest.mark.parametrize(("choice", "required", "expected"), [
     (None, False, None), ("auto", False, "auto"), (None, True, "required"), ("auto", True, "required"),
     ("none", True, "none"), ("multiply", False, "multiply"),
-    ({"type": "function", "function": {"name": "multiply"}}, False, "multiply"),
+    ({"type": "function", "function": {"name": "multiply"}}, False, {"type": "function", "function": {"name": "multiply"}}),
 ])
 def test_tool_choice(choice, required, expected):
+    """tool_required forces a call; every other spelling goes to the core's one tool_choice reader as it is."""
     assert to_tool_choice(choice, required) == expected
 
 
 def test_tool_choice_dict_without_a_name_fails_clearly():
-    with pytest.raises(ValueError, match="names no tool"):
-        to_tool_choice({"type": "function"}, False)
+    from optimum_nvidia_core.tool_calls import parse_tool_choice
+
+    with pytest.raises(ValueError, match="is not understood"):
+        parse_tool_choice(to_tool_choice({"type": "function"}, False), ["multiply"])
 
 
 def _finished(text: str, calls: list[ToolCall]) -> RequestOutput:
