@@ -5,7 +5,7 @@ checkpoint is.
     PYTHONPATH=core:. python benchmarks/bench.py [--runs llama-2-7b:transformers+bf16+fp8+fp8kv,llama-3-8b:fp8kv] [--long]
 
 Measures: time to first token at bs1 (128/512/2048 prompt tokens); decode tok/s at bs1; output tok/s at
-1/8/64/256 concurrent requests (128 in / 128 out; --long adds 1000 in / 1000 out at 64); the seed's metric
+1/8/64/256/1024 concurrent requests (128 in / 128 out; --long adds 1000 in / 1000 out at 256, transformers at 64); the seed's metric
 ((input + output tokens) / time); % of the decode roofline (bytes a step must read / read bandwidth measured in
 this run); FP8 build and cached load time; peak GPU memory. Writes benchmarks/results/<date>-<gpu>.md and .json
 (and a copy into $OUT when set). Every figure is measured here; nothing is carried over from other runs.
@@ -32,7 +32,8 @@ from kernel_bench import ceilings  # noqa: E402
 from report import write_report  # noqa: E402
 
 TTFT_LENGTHS = (128, 512, 2048)
-CONCURRENCY = (1, 8, 64, 256)
+CONCURRENCY = (1, 8, 64, 256, 1024)
+TRANSFORMERS_CONCURRENCY = (1, 8, 64, 256)  # 1,024 sequences of stock generate() would take minutes
 CONFIGS = {"bf16": dict(use_fp8=False), "fp8": dict(use_fp8=True),
            "fp8kv": dict(use_fp8=True, kv_cache_dtype="fp8")}
 
@@ -70,7 +71,7 @@ def bench_transformers(ckpt: Path, vocab: int, rng: random.Random, long: bool) -
     total = generate(prompt, 129)
     result["decode_tok_s_bs1"] = 128 / (total - result["ttft_ms"][128] / 1e3)
     result["throughput"] = {}
-    for concurrency in CONCURRENCY:
+    for concurrency in TRANSFORMERS_CONCURRENCY:
         seconds = generate(random_prompts(concurrency, 128, vocab, rng), 128)
         result["throughput"][concurrency] = _throughput(concurrency, 128, 128, seconds)
         print("transformers", concurrency, result["throughput"][concurrency], flush=True)
@@ -93,7 +94,7 @@ def start_llm(ckpt: Path, options: dict):
     from optimum_nvidia_core import LLM, SamplingParams
 
     begin = time.perf_counter()
-    llm = LLM(str(ckpt), device="cuda", max_batch_size=256, **options)
+    llm = LLM(str(ckpt), device="cuda", **options)  # max_batch_size / max_num_tokens: "auto" from GPU memory
     llm.generate([[5] * 8], SamplingParams(max_tokens=2, temperature=0.0))  # ready to serve
     return llm, time.perf_counter() - begin
 
@@ -144,10 +145,10 @@ def bench_ours(ckpt: Path, name: str, vocab: int, rng: random.Random, long: bool
         result["throughput"][concurrency] = _throughput(concurrency, 128, 128, seconds)
         print(name, concurrency, result["throughput"][concurrency], flush=True)
     if long:
-        _, seconds = run(random_prompts(64, 1000, vocab, rng), 1000)
-        result["throughput_long_64"] = _throughput(64, 1000, 1000, seconds)
+        _, seconds = run(random_prompts(256, 1000, vocab, rng), 1000)
+        result["throughput_long_256"] = _throughput(256, 1000, 1000, seconds)
     result["engine_stats"] = llm.stats()
-    result["peak_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    result["peak_memory_GiB"] = result["engine_stats"].get("gpu_peak_memory_bytes", 0) / 2**30  # the core's process
     llm.shutdown()
     del llm
     free_gpu()

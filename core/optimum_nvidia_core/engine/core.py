@@ -284,6 +284,8 @@ class EngineCore:
         stats["running_requests"] = len(self.requests)
         stats["awaiting_grammar"] = len(self._awaiting_grammar)  # guided requests whose grammar is compiling
         stats["pid"] = os.getpid()  # the process the core runs in
+        if self.device.type == "cuda":
+            stats["gpu_peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return stats
 
     def perplexity(self, token_ids: list[int]) -> float:
