@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from optimum_nvidia_core.build import calibration, engine_dir
+from optimum_nvidia_core.build.int4 import Int4Recipe, swap_in_empty_int4
 from optimum_nvidia_core.build.quantize import (
     Fp8Recipe, check_fp8_supported, kv_scales, quantize_model, set_kv_scales, swap_in_empty_fp8,
 )
@@ -107,6 +108,10 @@ def prepare_build(model_dir: Path, config) -> tuple[object, dict]:
     """Materialize the calibration samples (read an iterator once) and compute the manifest.
 
     Returns (config with calibration_dataset = the chosen samples, manifest)."""
+    if getattr(config, "quantization", None) == "int4":  # INT4 weights: build/int4.py's recipe and manifest
+        from optimum_nvidia_core.build.int4 import prepare_int4_build
+
+        return prepare_int4_build(model_dir, config)
     recipe = Fp8Recipe.from_config(config)
     samples = None
     if recipe.needs_calibration:
@@ -211,6 +216,9 @@ def load_engine(engine_path: Path, dtype: torch.dtype, device: torch.device | st
     hf_config = AutoConfig.from_pretrained(engine_path, trust_remote_code=False)
     model = build_model(hf_config, dtype, device)
     swap_in_empty_fp8(model, recipe, dtype, device)
+    int4 = Int4Recipe.from_dict(manifest["identity"]["recipe"])
+    if int4 is not None:
+        swap_in_empty_int4(model, int4, dtype, device)
     load_safetensors_into(model, str(engine_path / WEIGHTS_NAME), strict=True, device=str(device))
     scales = manifest.get("kv_scales")
     if scales:
