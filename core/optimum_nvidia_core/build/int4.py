@@ -55,29 +55,40 @@ class Int4Recipe:
 
 
 def group_size_of(linear: nn.Module, group_size: int) -> int:
-    """The recipe's group size, or one group per row for a linear narrower than a group (tiny test models)."""
+    """The recipe's group size where it divides in_features; else the largest of its halves down to 32 that does
+    (SmolLM2's 576-wide inputs get groups of 64); else one group per row."""
     in_features = linear.weight.shape[1]
-    return group_size if in_features % group_size == 0 else in_features
+    size = group_size
+    while size >= 32:
+        if in_features % size == 0:
+            return size
+        size //= 2
+    return in_features
 
 
 @torch.no_grad()
 def quantize_model_int4(model: nn.Module, recipe: Int4Recipe, calib_token_lists: list[list[int]] | None = None,
-                        progress: bool = True) -> nn.Module:
+                        progress: bool = True, hessians: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Calibrate (unless "rtn" without an FP8 KV cache), scale (AWQ), then swap every decoder Linear for an
-    Int4Linear in place. Returns the model."""
+    Int4Linear in place. Returns the model. ``hessians``: input Hessians already collected on this model (by
+    calibration.collect_stats; consumed), instead of a calibration pass (no FP8 KV cache then)."""
     from tqdm.auto import tqdm
 
     from optimum_nvidia_core.build.calibration import collect_stats
 
     names = quantizable_linear_names(model)
-    hessians, stats = {}, None
-    if recipe.needs_calibration:
+    stats = None
+    if hessians is not None:
+        if recipe.kv_cache_dtype == "fp8":
+            raise ValueError("kv_cache_dtype='fp8' needs a calibration pass for K/V scales; pass token lists")
+    elif recipe.needs_calibration:
         if not calib_token_lists:
             raise ValueError(f"INT4 method {recipe.method!r} needs calibration data; pass token lists, or use "
                              "int4_method='rtn'")
         stats = collect_stats(model, [], calib_token_lists, progress,
                               hessian_names=names if recipe.method != "rtn" else [])
         hessians = stats.hessians
+    hessians = hessians if recipe.method != "rtn" else {}
     if recipe.method == "awq":
         apply_awq_scales(model, hessians, recipe.group_size)
     for name in tqdm(names, desc="INT4 weights", unit="linear", disable=not progress):

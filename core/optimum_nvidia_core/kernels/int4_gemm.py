@@ -14,6 +14,7 @@ All launches are allocation-stable (outputs and split-K buffers sized by M only)
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -109,7 +110,7 @@ _DOT_TILES = {
 
 
 def candidates(m: int, group_size: int) -> list[Int4Config]:
-    """The launches worth timing for M rows (tiles whose BLOCK_K does not divide the group size are left out)."""
+    """The launches worth timing for M rows."""
     bucket = m_bucket(m)
     configs = []
     if m == 1:
@@ -119,7 +120,9 @@ def candidates(m: int, group_size: int) -> list[Int4Config]:
     configs += [Int4Config("dot", block_m, *tile) for tile in tiles]
     if bucket >= 64:
         configs.append(Int4Config("dequant"))
-    return [c for c in configs if c.kind == "dequant" or group_size % c.block_k == 0]
+    # A tile must not straddle a group: narrow BLOCK_K to divide the group (a multiple of 32; 64 on SmolLM2).
+    configs = [c._replace(block_k=math.gcd(c.block_k, group_size)) for c in configs]
+    return list(dict.fromkeys(configs))
 
 
 _CHOSEN: dict[tuple, Int4Config] = {}
