@@ -8,9 +8,9 @@ import torch
 from optimum_nvidia_core.layers.int4_linear import Int4Linear, dequantize, pack_codes
 from tests.gpu.kernel_checks import DTYPE, INTERPRET, rel_err
 
-# (N, K, group): Llama-3-8B's qkv / down / gate_up shapes, a ragged N, per-row groups and group 32.
-SHAPES = [(6144, 4096, 128), (4096, 14336, 128), (28672, 4096, 128), (1000, 256, -1), (544, 512, 32)] \
-    if not INTERPRET else [(96, 256, 128), (40, 64, -1)]
+# (N, K, group): Llama-3-8B's qkv / down / gate_up shapes, a ragged N, per-row groups, group 32, SmolLM2's qkv.
+SHAPES = [(6144, 4096, 128), (4096, 14336, 128), (28672, 4096, 128), (1000, 256, -1), (544, 512, 32),
+          (960, 576, 64)] if not INTERPRET else [(96, 256, 128), (40, 64, -1), (48, 192, 64)]
 ROWS = [1, 3, 16, 33, 128, 300, 1024] if not INTERPRET else [1, 5, 70]
 
 

@@ -32,18 +32,25 @@ class Int4Config(NamedTuple):
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    reshape: bool = True  # how _dequant_tile unpacks
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, cols, col_ok, k0, K, NUM_GROUPS,
-                  GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """W[cols, k0:k0+BLOCK_K] as [BLOCK_N, BLOCK_K] in OUT_DTYPE: (code - zero) * scale in fp32, then rounded."""
-    packed_cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    packed = tl.load(qw_ptr + cols[:, None].to(tl.int64) * (K // 8) + packed_cols[None, :],
-                     mask=col_ok[:, None], other=0)  # [BLOCK_N, BLOCK_K / 8] int32
-    shifts = tl.arange(0, 8) * 4
-    codes = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_N, BLOCK_K / 8, 8]
-    codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))  # row-major: k = 8 * word + nibble, as packed
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, cols, col_ok, k0, K, NUM_GROUPS, GROUP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr, RESHAPE: tl.constexpr):
+    """W[cols, k0:k0+BLOCK_K] as [BLOCK_N, BLOCK_K] in OUT_DTYPE: (code - zero) * scale in fp32, then rounded.
+    Two ways to unpack (the tuner times both): load each word once and split it into 8 with a reshape, or load
+    each word once per code (8 lanes reading one address: one transaction) and shift, with no reshape."""
+    rows = qw_ptr + cols[:, None].to(tl.int64) * (K // 8)
+    if RESHAPE:
+        packed = tl.load(rows + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :], mask=col_ok[:, None], other=0)
+        shifts = tl.arange(0, 8) * 4
+        codes = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_N, BLOCK_K / 8, 8]
+        codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))  # row-major: k = 8 * word + nibble, as packed
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        packed = tl.load(rows + (ks // 8)[None, :], mask=col_ok[:, None], other=0)  # [BLOCK_N, BLOCK_K]
+        codes = (packed >> ((ks % 8) * 4)[None, :]) & 0xF
     group = cols.to(tl.int64) * NUM_GROUPS + k0 // GROUP
     scale = tl.load(s_ptr + group, mask=col_ok, other=0.0).to(tl.float32)
     zero = tl.load(z_ptr + group, mask=col_ok, other=0).to(tl.int32)
@@ -54,7 +61,7 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, cols, col_ok, k0, K, NUM_GROUPS,
 def _int4_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RESHAPE: tl.constexpr,
 ):
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -69,7 +76,7 @@ def _int4_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         w = _dequant_tile(qw_ptr, s_ptr, z_ptr, cols, col_ok, k0, K, num_groups, GROUP, BLOCK_N, BLOCK_K,
-                          x_ptr.dtype.element_ty)
+                          x_ptr.dtype.element_ty, RESHAPE)
         x = tl.load(x_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
         if BLOCK_M == 1:
             acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
@@ -92,7 +99,7 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr, BL
     k0 = tl.program_id(1) * BLOCK_K
     col_ok = cols < N
     w = _dequant_tile(qw_ptr, s_ptr, z_ptr, cols, col_ok, k0, K, K // GROUP, GROUP, BLOCK_N, BLOCK_K,
-                      out_ptr.dtype.element_ty)
+                      out_ptr.dtype.element_ty, True)
     ks = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + cols[:, None].to(tl.int64) * K + ks[None, :], w, mask=col_ok[:, None])
 
@@ -115,9 +122,11 @@ def candidates(m: int, group_size: int) -> list[Int4Config]:
     configs = []
     if m == 1:
         configs += [Int4Config("gemv", 1, *tile) for tile in _GEMV_TILES]
+        configs += [Int4Config("gemv", 1, *tile, reshape=False) for tile in _GEMV_TILES[:4]]
     block_m = min(bucket, 128)
     tiles = _DOT_TILES[16 if block_m == 16 else (64 if block_m <= 64 else 128)]
     configs += [Int4Config("dot", block_m, *tile) for tile in tiles]
+    configs += [Int4Config("dot", block_m, *tile, reshape=False) for tile in tiles[:3]]
     if bucket >= 64:
         configs.append(Int4Config("dequant"))
     # A tile must not straddle a group: narrow BLOCK_K to divide the group (a multiple of 32; 64 on SmolLM2).
@@ -193,7 +202,7 @@ def _launch(x, qweight, scales, zeros, bias, config: Int4Config) -> torch.Tensor
     _int4_gemm_kernel[grid](
         x, qweight, scales, zeros, bias_arg, target, m, n, k, x.stride(0), out.stride(0),
         GROUP=k // scales.shape[1], HAS_BIAS=bias is not None, SPLIT_K=split,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, RESHAPE=config.reshape,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split > 1:
