@@ -206,7 +206,7 @@ def _manifest_model(engine_dir: Path) -> str:
     except (OSError, ValueError):
         return "(unreadable manifest)"
     recipe = manifest.get("identity", {}).get("recipe") or {}
-    weights = "fp8" if recipe.get("use_fp8") else "unquantized"
+    weights = recipe.get("quantization") or ("fp8" if recipe.get("use_fp8") else "unquantized")
     kv = ", fp8 kv cache" if recipe.get("kv_cache_dtype") == "fp8" else ""
     return f"({manifest.get('model_name', '?')}, {weights}{kv})"
 

@@ -157,8 +157,13 @@ def test_llm_loads_awq_checkpoint_and_refuses_fp8_on_it(tmp_path):
     write_tiny_tokenizer(tmp_path / "awq")
     llm = LLM(str(tmp_path / "awq"), device="cpu", max_batch_size=2, max_num_tokens=64)
     assert isinstance(llm.engine.loaded.model.model.layers[0].self_attn.qkv_proj, Int4Linear)
-    out = llm.generate(["Hello"], SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0))[0]
+    params = SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0)
+    out = llm.generate(["Hello"], params)[0]
     assert len(out.token_ids) == 4
+    engine_dir = llm.save(tmp_path / "engine")  # a loaded AWQ checkpoint saves as an INT4 engine
+    llm.shutdown()
+    llm = LLM(str(engine_dir), device="cpu", max_batch_size=2, max_num_tokens=64)
+    assert llm.generate(["Hello"], params)[0].token_ids == out.token_ids
     llm.shutdown()
     with pytest.raises(ValueError, match="AWQ INT4 checkpoint"):
         LLM(str(tmp_path / "awq"), use_fp8=True, device="cpu")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from optimum_nvidia_core.build import calibration, engine_dir
-from optimum_nvidia_core.build.int4 import Int4Recipe, swap_in_empty_int4
+from optimum_nvidia_core.build.int4 import Int4Recipe, int4_recipe_of, swap_in_empty_int4
 from optimum_nvidia_core.build.quantize import (
     Fp8Recipe, check_fp8_supported, kv_scales, quantize_model, set_kv_scales, swap_in_empty_fp8,
 )
@@ -192,9 +192,12 @@ def save_engine(model: nn.Module, tokenizer_src_dir: Path, out_dir: Path, manife
 def _manifest_for_loaded(model: nn.Module, src: Path) -> dict:
     if (src / engine_dir.MANIFEST_NAME).is_file():
         return engine_dir.read_manifest(src)
-    recipe = recipe_of(model)
+    recipe = recipe_of(model).to_dict()
+    int4 = int4_recipe_of(model)  # e.g. a loaded AWQ / GPTQ checkpoint
+    if int4 is not None:
+        recipe.update(int4.to_dict(), kv_cache_dtype=recipe["kv_cache_dtype"])
     return {"identity": {"format_version": engine_dir.FORMAT_VERSION, "source": source_description(src),
-                         "recipe": recipe.to_dict(), "calibration": None,
+                         "recipe": recipe, "calibration": None,
                          "versions": {"torch": torch.__version__, "optimum_nvidia": project_version()}},
             "model_name": src.name, "source_dir": str(src)}
 

@@ -29,7 +29,7 @@ GROUP_SIZE = 128
 
 @dataclass(frozen=True)
 class Int4Recipe:
-    method: Literal["awq", "gptq", "rtn"] = "awq"
+    method: Literal["awq", "gptq", "rtn", "loaded"] = "awq"  # "loaded": an AWQ / GPTQ checkpoint, saved
     group_size: int = GROUP_SIZE
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
 
@@ -163,6 +163,14 @@ def swap_in_empty_int4(model: nn.Module, recipe: Int4Recipe, dtype: torch.dtype,
         model.set_submodule(name, Int4Linear.like(linear, group_size_of(linear, recipe.group_size), dtype, device))
 
 
+def int4_recipe_of(model: nn.Module) -> Int4Recipe | None:
+    """The INT4 recipe that ``swap_in_empty_int4`` needs to rebuild this model's modules (None: no INT4)."""
+    linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if not linears:
+        return None
+    return Int4Recipe("loaded", max(m.group_size for m in linears))
+
+
 # ---- engines ------------------------------------------------------------------------------------------------------
 
 
@@ -207,4 +215,5 @@ def build_int4_engine(model_dir: Path, config, out_dir: Path) -> Path:
     return save_engine(model, model_dir, out_dir, manifest)
 
 
-__all__ = ["Int4Recipe", "build_int4_engine", "prepare_int4_build", "quantize_model_int4", "swap_in_empty_int4"]
+__all__ = ["Int4Recipe", "build_int4_engine", "int4_recipe_of", "prepare_int4_build", "quantize_model_int4",
+           "swap_in_empty_int4"]
