@@ -2,7 +2,7 @@
 decode sizes (ours, torch's tinygemm int4 op, cuBLAS bf16 and our FP8 GEMM on the same shapes), and whether a
 Llama-3-70B shape in INT4 fits one GPU with 64k tokens of bf16 KV cache (allocated, and one forward run).
 
-    PYTHONPATH=core:. python benchmarks/int4_bench.py --out int4.json [--skip-e2e] [--work-dir /tmp/onv_int4]
+    PYTHONPATH=core:. python benchmarks/int4_bench.py --out int4.json [--sections e2e,fit70b,gemm]
 
 Bytes counted for INT4: packed codes (K/2 bytes a row) + scales (2 bytes a group) + zeros (1 byte a group).
 The end-to-end engines are built from the same random bf16 checkpoint (benchmarks/checkpoint.py): INT4 with
@@ -138,7 +138,7 @@ def fit_70b(kv_tokens: int = 65536) -> dict:
     torch.cuda.empty_cache()
     return {"kv_tokens": kv_tokens, "weights_GB": weights / 1e9, "int4_linears_GB": int4_linear / 1e9,
             "kv_cache_GB": kv / 1e9, "peak_allocated_GB": peak / 1e9, "free_after_GB": free / 1e9,
-            "total_GB": total / 1e9, "forward_finite": finite, "fits": True}
+            "total_GB": total / 1e9, "forward_finite": finite, "fits": True}  # allocated and ran: no OOM
 
 
 def decode_bs1(ckpt: Path, options: dict, vocab: int) -> dict:
@@ -166,8 +166,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, help="JSON results path")
     parser.add_argument("--work-dir", default="/tmp/onv_int4")
-    parser.add_argument("--skip-e2e", action="store_true", help="kernels and the 70B fit only (no checkpoint)")
+    parser.add_argument("--sections", default="e2e,fit70b,gemm",
+                        help="e2e (8B decode bs1 INT4 vs FP8, writes a 16 GB checkpoint), fit70b, gemm")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     work = Path(args.work_dir)
     os.environ.setdefault("OPTIMUM_NVIDIA_CACHE", str(work / "cache"))
     import triton
@@ -180,7 +182,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=1, default=str))
 
     save()
-    if not args.skip_e2e:
+    if "e2e" in sections:
         start = time.perf_counter()
         ckpt = write_checkpoint("llama-3-8b", work / "llama-3-8b")
         result["checkpoint_write_s"] = time.perf_counter() - start
@@ -194,11 +196,17 @@ def main() -> None:
         print("decode bs1:", e2e, flush=True)
         save()
         shutil.rmtree(work, ignore_errors=True)
-    result["fit_70b"] = fit_70b()
-    print("70B:", result["fit_70b"], flush=True)
-    save()
-    result["gemm"] = gemm_rows()
-    save()
+    if "fit70b" in sections:
+        try:
+            result["fit_70b"] = fit_70b()
+        except torch.cuda.OutOfMemoryError as error:  # the answer to "does it fit" is then no
+            result["fit_70b"] = {"fits": False, "error": str(error)[:500]}
+            torch.cuda.empty_cache()
+        print("70B:", result["fit_70b"], flush=True)
+        save()
+    if "gemm" in sections:
+        result["gemm"] = gemm_rows()
+        save()
     print(f"wrote {args.out}")
 
 
