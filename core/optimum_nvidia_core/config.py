@@ -12,6 +12,14 @@ class EngineConfig(BaseModel):
     model: str = Field(description="Model id, local checkpoint directory, or engine directory.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     use_fp8: bool = Field(False, description="FP8 (e4m3) weights and activations for every linear layer.")
+    quantization: Literal["fp8", "int4"] | None = Field(
+        None, description="Weight quantization: 'fp8' (the same as use_fp8=True), 'int4' (W4A16, group-wise 128, "
+        "built once and cached), or None. AWQ and GPTQ checkpoints load as INT4 by themselves."
+    )
+    int4_method: Literal["awq", "gptq", "rtn"] = Field(
+        "awq", description="INT4 rounding: activation-aware scales + clipping (AWQ), GPTQ error compensation, or "
+        "round-to-nearest (no calibration)."
+    )
     activation_scheme: Literal["static", "dynamic"] = Field(
         "static", description="FP8 activation scales: calibrated per tensor, or computed per token at run time."
     )
@@ -46,6 +54,15 @@ class EngineConfig(BaseModel):
         if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+
+    @model_validator(mode="after")
+    def _check_quantization(self) -> "EngineConfig":
+        # One meaning, two spellings: use_fp8=True is quantization="fp8".
+        if self.use_fp8 and self.quantization == "int4":
+            raise ValueError("use_fp8=True and quantization='int4' ask for two weight formats; pass one of them")
+        if self.use_fp8 or self.quantization == "fp8":
+            self.use_fp8, self.quantization = True, "fp8"
+        return self
 
     @model_validator(mode="after")
     def _check_budget(self) -> "EngineConfig":

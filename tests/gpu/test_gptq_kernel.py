@@ -18,7 +18,7 @@ def _factor(k: int, device) -> torch.Tensor:
 @pytest.mark.parametrize("rows, n", [(64, 4096), (64, 6144), (37, 1000), (1, 64)] if not INTERPRET
                          else [(64, 96), (13, 40)])
 def test_block_kernel_matches_torch_loop(device, rows, n):
-    from optimum_nvidia_core.build.gptq import _round_block
+    from optimum_nvidia_core.build.gptq import fp8_round_block as _round_block
     from optimum_nvidia_core.kernels.gptq_block import gptq_round_block
 
     block = 0.05 * torch.randn(rows, n, device=device)

@@ -16,6 +16,7 @@ from torch import nn
 
 from optimum_nvidia_core import cache_dir
 from optimum_nvidia_core.build import calibration, engine_dir
+from optimum_nvidia_core.build.int4 import Int4Recipe, int4_recipe_of, swap_in_empty_int4
 from optimum_nvidia_core.build.quantize import (
     Fp8Recipe, check_fp8_supported, kv_scales, quantize_model, set_kv_scales, swap_in_empty_fp8,
 )
@@ -108,6 +109,10 @@ def prepare_build(model_dir: Path, config) -> tuple[object, dict]:
     """Materialize the calibration samples (read an iterator once) and compute the manifest.
 
     Returns (config with calibration_dataset = the chosen samples, manifest)."""
+    if getattr(config, "quantization", None) == "int4":  # INT4 weights: build/int4.py's recipe and manifest
+        from optimum_nvidia_core.build.int4 import prepare_int4_build
+
+        return prepare_int4_build(model_dir, config)
     recipe = Fp8Recipe.from_config(config)
     samples = None
     if recipe.needs_calibration:
@@ -219,9 +224,12 @@ def write_engine_dir(src_dir: Path, out_dir: Path, manifest: dict, write_weights
 def _manifest_for_loaded(model: nn.Module, src: Path) -> dict:
     if (src / engine_dir.MANIFEST_NAME).is_file():
         return engine_dir.read_manifest(src)
-    recipe = recipe_of(model)
+    recipe = recipe_of(model).to_dict()
+    int4 = int4_recipe_of(model)  # e.g. a loaded AWQ / GPTQ checkpoint
+    if int4 is not None:
+        recipe.update(int4.to_dict(), kv_cache_dtype=recipe["kv_cache_dtype"])
     return {"identity": {"format_version": engine_dir.FORMAT_VERSION, "source": source_description(src),
-                         "recipe": recipe.to_dict(), "calibration": None,
+                         "recipe": recipe, "calibration": None,
                          "versions": {"torch": torch.__version__, "optimum_nvidia": project_version()}},
             "model_name": src.name, "source_dir": str(src)}
 
@@ -243,7 +251,11 @@ def load_engine(engine_path: Path, dtype: torch.dtype, device: torch.device | st
         check_fp8_supported(device)
     hf_config = AutoConfig.from_pretrained(engine_path, trust_remote_code=False)
     model = build_model(hf_config, dtype, "meta")
-    swap_in_empty_fp8(model, recipe, dtype, torch.device("meta"))
+    meta = torch.device("meta")
+    swap_in_empty_fp8(model, recipe, dtype, meta)
+    int4 = Int4Recipe.from_dict(manifest["identity"]["recipe"])
+    if int4 is not None:
+        swap_in_empty_int4(model, int4, dtype, meta)
     assign_saved_tensors(model, engine_weight_files(engine_path), device)
     scales = manifest.get("kv_scales")
     if scales:

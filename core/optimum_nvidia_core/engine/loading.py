@@ -1,5 +1,6 @@
 """From an EngineConfig to a model on its device: resolve the id, pick device and dtype, then load plain
-weights, a saved engine directory, or build (once, cached) an FP8 engine."""
+weights (AWQ / GPTQ INT4 checkpoints included), a saved engine directory, or build (once, cached) an FP8 or INT4
+engine."""
 from __future__ import annotations
 
 import json
@@ -52,12 +53,17 @@ def load(config: EngineConfig) -> LoadedModel:
     else:
         model_dir = resolve_model(config.model, config.revision, allow_pickle=config.allow_pickle_weights)
         fp8_format = checkpoint_format(model_dir)  # a pre-quantized FP8 checkpoint is served as it is
+        build = None if fp8_format is not None else _int4_build(model_dir, config)
+        if build is None and wants_fp8 and fp8_format is None:
+            from ..build import build_fp8_engine
+
+            build = build_fp8_engine
         if fp8_format is not None:
             model = load_fp8_checkpoint(model_dir, fp8_format, dtype, device, config.kv_cache_dtype)
-        elif wants_fp8:
-            from ..build import build_fp8_engine, get_or_build, load_engine
+        elif build is not None:
+            from ..build import get_or_build, load_engine
 
-            engine_dir = get_or_build(model_dir, config, build_fp8_engine)
+            engine_dir = get_or_build(model_dir, config, build)
             model = load_engine(engine_dir, dtype, device)
             model_dir = engine_dir
         else:
@@ -71,6 +77,27 @@ def load(config: EngineConfig) -> LoadedModel:
         eos_token_ids=_eos_ids(model_dir, hf_config, tokenizer), vocab_size=int(hf_config.vocab_size),
         model_name=_model_name(config.model, model_dir),
     )
+
+
+def _int4_build(model_dir: Path, config: EngineConfig):
+    """build_int4_engine for quantization='int4' on a high-precision checkpoint; None for an AWQ/GPTQ checkpoint
+    (already INT4: loaded as it is) or any other quantization."""
+    from ..models.int4_formats import checkpoint_format
+    from ..models.loader import load_config
+
+    prequantized = checkpoint_format(load_config(model_dir, config.allow_pickle_weights))
+    if prequantized is not None and config.use_fp8:
+        raise ValueError(f"{model_dir} is a {prequantized.method.upper()} INT4 checkpoint; it cannot be "
+                         "re-quantized to FP8. Drop use_fp8 (it loads as INT4), or use the bf16 checkpoint.")
+    if prequantized is not None and config.kv_cache_dtype == "fp8":
+        raise ValueError(f"kv_cache_dtype='fp8' needs calibrated K/V scales, which a {prequantized.method.upper()} "
+                         "checkpoint does not carry; use kv_cache_dtype='auto', or the bf16 checkpoint with "
+                         "quantization='int4', kv_cache_dtype='fp8'.")
+    if prequantized is not None or config.quantization != "int4":
+        return None
+    from ..build.int4 import build_int4_engine
+
+    return build_int4_engine
 
 
 def _eos_ids(model_dir: Path, hf_config: Any, tokenizer: Any) -> list[int]:

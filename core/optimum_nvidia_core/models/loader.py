@@ -70,10 +70,17 @@ def build_model(config, dtype: torch.dtype, device: torch.device | str) -> Llama
 def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str,
                allow_pickle: bool = False) -> LlamaForCausalLM:
     """Build our model for `model_dir` and stream its weights onto `device` as `dtype`."""
+    from .int4_formats import checkpoint_format, swap_in_int4
+
     config = load_config(model_dir, allow_pickle)
     model = build_model(config, dtype, device)
+    tensors = checkpoint_tensors(Path(model_dir), allow_pickle)
+    int4 = checkpoint_format(config)  # an AWQ / GPTQ checkpoint: Int4Linear modules, tensors converted as they stream
+    if int4 is not None:
+        swap_in_int4(model, int4, dtype, device)
+        tensors = int4.converted(tensors)
     try:
-        load_weights(model, checkpoint_tensors(Path(model_dir), allow_pickle), total=_count_tensors(Path(model_dir)))
+        load_weights(model, tensors, total=_count_tensors(Path(model_dir)))
     except ModelResolutionError:
         raise  # already says what is wrong with which file
     except ValueError as exc:
