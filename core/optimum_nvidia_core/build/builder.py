@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from optimum_nvidia_core.build import calibration, engine_dir
+from optimum_nvidia_core.devices import pick_device, pick_dtype
 from optimum_nvidia_core.build.quantize import (
     Fp8Recipe, check_fp8_supported, kv_scales, quantize_model, set_kv_scales, swap_in_empty_fp8,
 )
@@ -29,8 +30,6 @@ _SAMPLE_BYTES = 4 << 20
 
 def resolve_device_dtype(config) -> tuple[torch.device, torch.dtype]:
     """config.device / config.dtype with 'auto' resolved exactly as the engine resolves them."""
-    from optimum_nvidia_core.engine.loading import pick_device, pick_dtype
-
     device = pick_device(config.device)
     return device, pick_dtype(config.dtype, device)
 

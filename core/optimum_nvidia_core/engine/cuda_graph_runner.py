@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..layers.attention_metadata import AttentionMetadata
+from ..attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..config import EngineConfig
+from ..devices import pick_device, pick_dtype
 
 MANIFEST = "manifest.json"
 
@@ -25,21 +26,6 @@ class LoadedModel:
     eos_token_ids: list[int]
     vocab_size: int  # width of the logits
     model_name: str
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} was asked for but CUDA is not available; use device='cpu' or 'auto'")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def load(config: EngineConfig) -> LoadedModel:

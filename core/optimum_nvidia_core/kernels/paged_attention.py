@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from optimum_nvidia_core.layers.attention_metadata import AttentionMetadata
+from optimum_nvidia_core.attention_metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
 FP8_MAX = tl.constexpr(448.0)  # e4m3 saturation bound; constexpr so kernels may read it

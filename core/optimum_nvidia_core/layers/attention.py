@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cuda_kernels
-from .attention_metadata import AttentionMetadata
+from ..attention_metadata import AttentionMetadata
 
 FP8_MAX = 448.0
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layers.activation import SiluAndMul
 from ..layers.attention import Attention
-from ..layers.attention_metadata import AttentionMetadata
+from ..attention_metadata import AttentionMetadata
 from ..layers.embedding import LMHead, VocabEmbedding
 from ..layers.fp8_linear import link_fused_quantization
 from ..layers.linear import Linear
