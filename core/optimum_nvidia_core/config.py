@@ -38,6 +38,9 @@ class EngineConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.90, gt=0.0, le=0.98)
     enable_prefix_caching: bool = True
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+    engine_process: bool = Field(
+        True, description="Run the engine core in its own process (True), so the application's Python threads never "
+        "hold the interpreter lock its steps need; False runs it on a thread of this process.")
     calibration_dataset: Any = Field(None, description="Strings, an iterable of strings, or a datasets.Dataset.")
     calibration_samples: int = Field(64, ge=1)
     calibration_max_length: int = Field(512, ge=8)

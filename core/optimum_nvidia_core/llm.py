@@ -5,8 +5,11 @@ An ``LLM`` is a light handle; the engine behind it (model, KV cache, engine thre
 """
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
+import numbers
+import os
 import threading
 import uuid
 import weakref
@@ -22,7 +25,7 @@ from .tool_stream import ToolCallStream
 
 Prompt = str | list[int]
 
-_registry: dict[str, Any] = {}  # options key -> EngineWorker
+_registry: dict[str, Any] = {}  # options key -> EngineFrontend
 _handles: dict[str, int] = {}  # options key -> live LLM handles; the engine stops with the last one
 _registry_lock = threading.RLock()  # re-entrant: a handle's finalizer may run during a registry update
 
@@ -35,7 +38,7 @@ class LLM:
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, *, use_fp8: bool = False, **engine_options: Any):
-        self.config = EngineConfig(model=str(model), use_fp8=use_fp8, **engine_options)
+        self.config = _with_calibration_samples(EngineConfig(model=str(model), use_fp8=use_fp8, **engine_options))
         self._key = _registry_key(self.config)
         self._worker = _get_or_start_worker(self._key, self.config)
         with _registry_lock:
@@ -44,46 +47,65 @@ class LLM:
 
     # ---- properties ------------------------------------------------------------------------------------
     @property
-    def engine(self) -> Any:
-        return self._live_worker().engine
-
-    @property
     def tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        return self._live_worker().tokenizer
 
     @property
     def max_seq_len(self) -> int:
-        return self.engine.max_seq_len
+        return self._live_worker().info.max_seq_len
 
     @property
     def model_name(self) -> str:
-        return self.engine.model_name
+        return self._live_worker().info.model_name
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the model's logits (token ids are in [0, vocab_size))."""
+        return self._live_worker().info.vocab_size
+
+    @property
+    def model_dir(self) -> Path:
+        """Where the loaded model's config.json and tokenizer files are."""
+        return Path(self._live_worker().info.model_dir)
 
     def stats(self) -> dict[str, int]:
-        """Engine counters (steps, max sequences in one step, prefix-cache hits, preemptions, ...)."""
-        return self.engine.stats()
+        """Engine counters (steps, max sequences in one step, prefix-cache hits, preemptions, free KV blocks,
+        running requests, ...)."""
+        return self._live_worker().call("stats")
 
     def encode(self, text: str) -> list[int]:
-        return self.engine.encode(text)
+        return self._live_worker().inputs.encode(text)
 
     # ---- text generation -------------------------------------------------------------------------------
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> RequestStream:
         """Deltas of one request; iterate with ``for`` or ``async for``. Closing or dropping it aborts."""
         return self._submit(prompt, params or SamplingParams())
 
-    def astream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
-        """The same stream, for ``async for``; never blocks the event loop."""
-        return self._submit(prompt, params or SamplingParams())
+    async def astream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+        """The same stream, for ``async for``; never blocks the event loop (the prompt is tokenized and checked
+        on a worker thread)."""
+        stream = await asyncio.to_thread(self._submit, prompt, params or SamplingParams())
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            stream.close()
 
     def generate(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> list[RequestOutput]:
-        """Whole results, one per prompt; all prompts run in one in-flight batch."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+        """Whole results, one per prompt; all prompts run in one in-flight batch. An exception while waiting (a
+        timeout signal, Ctrl-C) aborts every one of them."""
+        prompts = _prompt_list(prompts)
         params_list = _params_per_prompt(params, len(prompts))
-        streams = [self._submit(p, sp) for p, sp in zip(prompts, params_list)]
-        return [collect(s) for s in streams]
+        streams: list[RequestStream] = []
+        try:
+            for p, sp in zip(prompts, params_list):
+                streams.append(self._submit(p, sp))
+            return [collect(s) for s in streams]
+        finally:
+            for s in streams:
+                s.close()
 
     # ---- chat ------------------------------------------------------------------------------------------
     def chat(self, messages: list[dict], params: SamplingParams | None = None, *, tools: list[dict] | None = None,
@@ -103,7 +125,8 @@ class LLM:
     async def achat_stream(self, messages: list[dict], params: SamplingParams | None = None, *,
                            tools: list[dict] | None = None, tool_choice: str | None = None
                            ) -> AsyncIterator[RequestOutput]:
-        tool_stream = self._chat_request(messages, params, tools, tool_choice)
+        # The chat template, tools and tokenization run on a worker thread, not on the caller's event loop.
+        tool_stream = await asyncio.to_thread(self._chat_request, messages, params, tools, tool_choice)
         try:
             async for delta in tool_stream.source:
                 for out in tool_stream.feed(delta):
@@ -113,20 +136,20 @@ class LLM:
 
     def _chat_request(self, messages: list[dict], params: SamplingParams | None, tools: list[dict] | None,
                       tool_choice: str | None) -> ToolCallStream:
-        engine = self.engine
+        worker = self._live_worker()
         params = params or SamplingParams()
-        prompt, params, forced = engine.formatter.prepare(messages, params, tools=tools, tool_choice=tool_choice)
+        prompt, params, forced = worker.inputs.prepare_chat(messages, params, tools, tool_choice)
         return ToolCallStream(self._submit(prompt, params), tools or [], forced=forced)
 
     # ---- tools -----------------------------------------------------------------------------------------
     def perplexity(self, text: str) -> float:
         """Perplexity of the model on ``text`` (lets users check FP8 quality on their own data)."""
         token_ids = self.encode(text)
-        return self._live_worker().call(lambda engine: engine.perplexity(token_ids))
+        return self._live_worker().call("perplexity", token_ids)
 
     def save(self, engine_dir: str | Path) -> Path:
         """Write the engine (weights, scales, tokenizer, manifest) so ``LLM(engine_dir)`` loads it directly."""
-        return self._live_worker().call(lambda engine: engine.save(Path(engine_dir)))
+        return self._live_worker().call("save", Path(engine_dir))
 
     def shutdown(self) -> None:
         """Stop the shared engine (every LLM handle on it); a new ``LLM(...)`` starts a fresh one."""
@@ -140,7 +163,7 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         worker = self._live_worker()
-        token_ids = worker.engine.check_prompt(prompt, params)
+        token_ids = worker.inputs.check_prompt(prompt, params)
         stream = worker.submit(uuid.uuid4().hex, token_ids, params)
         stream.keepalive = self
         return stream
@@ -180,6 +203,22 @@ def collect(deltas: Iterable[RequestOutput]) -> RequestOutput:
     )
 
 
+def _prompt_list(prompts: Any) -> list[Prompt]:
+    """One prompt (text or token ids) or a list of them, as a list; anything else is a TypeError that says what
+    to pass (a generator is consumed once, so it is refused rather than silently emptied)."""
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and isinstance(prompts[0], numbers.Integral)):
+        return [prompts]
+    if hasattr(prompts, "tolist") and getattr(prompts, "ndim", None) == 1:  # one prompt as an array of ids
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a str, a list of token ids, or a list of those; got "
+                        f"{type(prompts).__name__} (wrap a generator in list(...))")
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one prompt")
+    return list(prompts)
+
+
 def _params_per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
     if params is None or isinstance(params, SamplingParams):
         return [params or SamplingParams()] * n
@@ -192,21 +231,35 @@ def _params_per_prompt(params: SamplingParams | Sequence[SamplingParams] | None,
     return params
 
 
+def _with_calibration_samples(config: EngineConfig) -> EngineConfig:
+    """The config with its calibration dataset read into the samples a build uses (an iterator is read once,
+    here, and the samples cross to the engine core's process as plain lists)."""
+    if config.calibration_dataset is None:
+        return config
+    from .build.calibration import select_calibration_samples
+
+    samples = select_calibration_samples(config.calibration_dataset, config.calibration_samples)
+    return config.model_copy(update={"calibration_dataset": samples})
+
+
 def _registry_key(config: EngineConfig) -> str:
+    """Engines are shared by the content of their options, calibration data included (equal datasets share one
+    engine; a new dataset never gets an old one)."""
     options = config.model_dump(exclude={"calibration_dataset"})
-    calib = config.calibration_dataset
-    options["calibration_dataset"] = None if calib is None else f"{type(calib).__name__}:{id(calib)}"
+    if config.calibration_dataset is not None:
+        from .build.calibration import calibration_hash
+
+        options["calibration_dataset"] = calibration_hash(config.calibration_dataset, config.calibration_max_length)
     return json.dumps(options, sort_keys=True, default=str)
 
 
 def _get_or_start_worker(key: str, config: EngineConfig) -> Any:
-    from .engine.llm_engine import LLMEngine
-    from .engine.worker import EngineWorker
+    from .frontend import EngineFrontend
 
     with _registry_lock:
         worker = _registry.get(key)
         if worker is None or not worker.alive:
-            worker = EngineWorker(LLMEngine(config))
+            worker = EngineFrontend(config)
             _registry[key] = worker
         return worker
 

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from optimum_nvidia_core.engine.detokenizer import IncrementalDetokenizer
+from optimum_nvidia_core.detokenizer import IncrementalDetokenizer
 from optimum_nvidia_core.sampling_params import SamplingParams
 
 TEXTS = [
@@ -28,7 +28,7 @@ def tokenizer():
 
 
 def stream(tokenizer, ids, chunk=1, **params):
-    detok = IncrementalDetokenizer(tokenizer, [1, 2, 3], SamplingParams(**params))
+    detok = IncrementalDetokenizer(tokenizer, SamplingParams(**params))
     deltas, stop = [], None
     for i in range(0, len(ids), chunk):
         delta, stop = detok.step(ids[i : i + chunk])
@@ -74,7 +74,7 @@ def test_each_step_decodes_a_short_window(tokenizer):
             widths.append(len(token_ids))
             return original(token_ids, **kwargs)
 
-    detok = IncrementalDetokenizer(Recording(), [], SamplingParams())
+    detok = IncrementalDetokenizer(Recording(), SamplingParams())
     text = "".join(detok.step([t])[0] for t in ids) + detok.flush()
     assert text == tokenizer.decode(ids) and len(ids) > 300
     assert max(widths) <= 12
@@ -90,12 +90,12 @@ def test_stop_string_across_tokens_is_cut_and_never_emitted(tokenizer):
 
 
 def test_text_that_may_start_a_stop_string_is_held_back(tokenizer):
-    detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=["Hello!"]))
+    detok = IncrementalDetokenizer(tokenizer, SamplingParams(stop=["Hello!"]))
     ids = tokenizer.encode("Say Hello there", add_special_tokens=False)
     out = [detok.step([t])[0] for t in ids]
     # "Say" goes out; " Hello" is held until " there" shows it is not "Hello!".
     assert "".join(out) == "Say Hello there" and out[-1].endswith("Hello there")
-    detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=["Hello!"]))
+    detok = IncrementalDetokenizer(tokenizer, SamplingParams(stop=["Hello!"]))
     held = "".join(detok.step([t])[0] for t in tokenizer.encode("Say Hel", add_special_tokens=False))
     assert held == "Say " and detok.flush() == "Hel"
 
@@ -113,7 +113,7 @@ def test_stop_strings_are_ignored_before_min_tokens(tokenizer):
 
 
 def test_steps_after_a_stop_return_nothing(tokenizer):
-    detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=["b"]))
+    detok = IncrementalDetokenizer(tokenizer, SamplingParams(stop=["b"]))
     assert detok.step(tokenizer.encode("a b c", add_special_tokens=False)) == ("a ", "b")
     assert detok.step(tokenizer.encode(" d", add_special_tokens=False)) == ("", "b")
     assert detok.flush() == ""

@@ -30,7 +30,7 @@ def make_llm(tiny_llama_dir):
 
 
 def _prompts(llm, count):
-    vocab = llm.engine.vocab_size
+    vocab = llm.vocab_size
     return [[(7 * i + 13 * j) % (vocab - 10) + 5 for j in range(3 + 5 * i)] for i in range(count)]
 
 

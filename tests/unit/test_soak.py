@@ -67,7 +67,7 @@ def _make_jobs(llm: LLM, seed: int) -> list[Job]:
     """Greedy jobs (30%) and seeded jobs (20%) draw from a few fixed requests whose sequential output is known;
     the rest sample freely. Every 10th job is aborted after 1-3 deltas."""
     rng = random.Random(seed)
-    pool = _prompt_pool(llm.engine.vocab_size, rng)
+    pool = _prompt_pool(llm.vocab_size, rng)
     greedy = [(rng.choice(pool), SamplingParams(max_tokens=rng.randint(1, 40), temperature=0.0, ignore_eos=True))
               for _ in range(12)]
     seeded = [(rng.choice(pool), SamplingParams(max_tokens=rng.randint(1, 40), temperature=0.9, top_p=0.9,

@@ -1,27 +1,23 @@
-"""The step loop: requests in, one scheduled batch per ``step()``, deltas out. Runs on the engine thread only
-(except ``check_prompt``, which is pure and thread-safe).
+"""The engine core: token ids and sampling settings in, one scheduled batch per ``step()``, token ids and
+finish reasons out. No tokenizer and no text: the output processor above turns ids into text and stop strings
+into aborts. Runs on one thread (its own process's, see ``core_proc``, or an engine thread).
 
 A step is pipelined with the device: ``step()`` collects the step in flight (the one host sync), decides which
-sequences finish (end of sequence, lengths), launches the next step, and only then detokenizes and builds the
-deltas of the collected one, so that work (and the caller streaming them out) overlaps the device running the
-next step. Tokens whose text decides what comes next (stop strings, output grammars), failures and a request's
-first token are handled before the launch, as before.
+sequences finish (end of sequence, stop token ids, lengths, grammars), launches the next step, and only then
+builds the outputs of the collected one. A request's first token goes out before the launch.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 
 import torch
 
 from ..config import EngineConfig
-from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
-from ..text_checks import check_unicode
 from .block_manager import BlockManager
-from .detokenizer import IncrementalDetokenizer
+from .interface import EngineCoreOutput, EngineCoreRequest, EngineInfo, check_token_ids
 from .loading import LoadedModel, load
 from .model_runner import ModelRunner
 from .request import Request
@@ -31,14 +27,12 @@ from .sequence import Sequence
 logger = logging.getLogger(__name__)
 
 
-class LLMEngine:
+class EngineCore:
     def __init__(self, config: EngineConfig):
         self.config = config
         loaded: LoadedModel = load(config)
         self.loaded = loaded
         self.device, self.dtype = loaded.device, loaded.dtype
-        self.tokenizer = loaded.tokenizer
-        self.model_name = loaded.model_name
         self.max_seq_len = loaded.max_seq_len
         self.eos_token_ids = loaded.eos_token_ids
         self.eos_token_set = frozenset(loaded.eos_token_ids)
@@ -49,65 +43,43 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._in_flight = None  # (ScheduledBatch, LaunchedStep) queued on the device, collected by the next step()
         self._guided = None
-        self._formatter = None
         self.counters = {"requests": 0, "max_running_seqs": 0, "max_batch_tokens": 0, "errors": 0}
 
-    # ---- pure helpers (any thread) -----------------------------------------------------------------------
-    @property
-    def formatter(self):
-        if self._formatter is None:
-            from ..chat_request import ChatRequestBuilder
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model_dir=str(self.loaded.model_dir), model_name=self.loaded.model_name, max_seq_len=self.max_seq_len,
+            vocab_size=self.vocab_size, eos_token_ids=list(self.eos_token_ids), device=str(self.device),
+            num_blocks=self.runner.num_blocks, block_size=self.config.block_size)
 
-            self._formatter = ChatRequestBuilder(self.tokenizer, self.loaded.model_dir)
-        return self._formatter
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(text).__name__}")
-        check_unicode(text, "the prompt")
-        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-
-    def check_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Token ids for ``prompt``, or a ValueError that names the problem and the fix."""
-        if not isinstance(prompt, (str, list, tuple)):
-            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty; pass at least one token of text")
-        bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt token ids must be ints in [0, {self.vocab_size}); got {bad[:5]}")
-        if params.truncate_prompt_tokens is not None:
-            ids = ids[-params.truncate_prompt_tokens:]
-        if len(ids) >= self.max_seq_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens but max_seq_len is {self.max_seq_len}; shorten it, set "
-                "SamplingParams(truncate_prompt_tokens=N) to keep the last N tokens, or build with a larger "
-                "max_seq_len")
-        if params.guided_json is not None:
-            from ..guided import check_json_schema
-
-            check_json_schema(params.guided_json, "guided_json")
-        room = self.max_seq_len - len(ids)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(
-                f"max_tokens={params.max_tokens} does not fit: the prompt has {len(ids)} tokens and max_seq_len is "
-                f"{self.max_seq_len}, leaving room for {room}; lower max_tokens or pass max_tokens=None")
-        return ids
-
-    # ---- requests (engine thread) ------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    # ---- requests ----------------------------------------------------------------------------------------
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue a request; its prompt ids were checked by the input processor (``check_token_ids`` guards the
+        core against a caller that skipped that)."""
+        params = request.params
+        check_token_ids(request.prompt_token_ids, params, self.vocab_size)
         matchers = [self._matcher(params) for _ in range(params.n)] if params.guided_json is not None else []
-        seqs = [Sequence(request_id, prompt_token_ids, params, index=i) for i in range(params.n)]
-        detoks = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params) for _ in seqs]
-        self.requests[request_id] = Request(request_id, params, prompt_token_ids, seqs, detoks, matchers)
+        seqs = [Sequence(request.request_id, request.prompt_token_ids, params, index=i) for i in range(params.n)]
+        self.requests[request.request_id] = Request(request.request_id, params, seqs, matchers)
         for seq in seqs:
             self.scheduler.add(seq)
         self.counters["requests"] += 1
 
-    def abort_request(self, request_id: str) -> None:
-        if self.requests.pop(request_id, None) is not None:
+    def abort_request(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request (``index=None``) or one of its completions (a stop string ended it on the output
+        side)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        if index is None:
+            del self.requests[request_id]
             self.scheduler.abort(request_id)
+            return
+        seq = req.seqs[index]
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+            req.num_finished += 1
+        if req.finished:
+            del self.requests[request_id]
 
     def has_unfinished(self) -> bool:
         return bool(self.requests) or self._in_flight is not None
@@ -116,20 +88,20 @@ class LLMEngine:
         if self._guided is None:
             from ..guided import GuidedDecoder
 
-            self._guided = GuidedDecoder(self.tokenizer, self.vocab_size, stop_token_ids=self.eos_token_ids)
+            self._guided = GuidedDecoder(self.loaded.tokenizer, self.vocab_size, stop_token_ids=self.eos_token_ids)
         return self._guided.matcher(params.guided_json)
 
     # ---- one step ----------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Collect the step in flight, launch the next, then build the deltas that could wait (see the module
-        docstring). Returns the deltas (and failures) to stream."""
+    def step(self) -> list[EngineCoreOutput]:
+        """Collect the step in flight, launch the next, then build the outputs that could wait (see the module
+        docstring)."""
         outputs, deferred = self._collect()
         if not any(first for first, _ in outputs):  # a first token goes out now: time to first token counts
             outputs += [(False, o) for o in self._launch()]
         outputs += [(False, self._emit(*item)) for item in deferred]
         return [o for _, o in outputs if o is not None]
 
-    def _launch(self) -> list[RequestOutput | None]:
+    def _launch(self) -> list[EngineCoreOutput | None]:
         """Schedule the next batch and queue it on the device; returns the deltas of requests that failed."""
         batch = self.scheduler.schedule()
         outputs = [self._fail(seq.request_id, seq.error or "the request cannot be scheduled") for seq in batch.failed]
@@ -151,9 +123,9 @@ class LLMEngine:
             outputs += self._fail_batch(batch, exc)
         return outputs
 
-    def _collect(self) -> tuple[list[tuple[bool, RequestOutput | None]], list[tuple]]:
-        """Wait for the step in flight and account its tokens. Returns (deltas built now, each flagged when it
-        carries a request's first token; (request, seq, token, logprobs, finish) whose delta can wait)."""
+    def _collect(self) -> tuple[list[tuple[bool, EngineCoreOutput | None]], list[tuple]]:
+        """Wait for the step in flight and account its tokens. Returns (outputs built now, each flagged when it
+        carries a sequence's first token; (request, seq, token, logprobs, finish) whose output can wait)."""
         if self._in_flight is None:
             return [], []
         batch, launched = self._in_flight
@@ -163,17 +135,15 @@ class LLMEngine:
         except Exception as exc:  # an error the device reports at the sync
             return [(False, o) for o in self._fail_batch(batch, exc)], []
         self.scheduler.postprocess(batch, tokens)
-        now = time.perf_counter()
         outputs, deferred = [], []
         for seq, token, top in zip(batch.seqs, tokens, logprobs):
             req = self.requests.get(seq.request_id)
-            if token is None or req is None:
+            if token is None or req is None or seq.finish_reason == "abort":
                 continue
             try:
-                first = req.metrics.first_token_time is None
-                finish = self._account(req, seq, token, now)
-                if first or req.matchers or req.params.stop:
-                    outputs.append((first, self._emit(req, seq, token, top, finish)))
+                finish = self._account(req, seq, token)
+                if seq.num_output_tokens == 1:
+                    outputs.append((True, self._emit(req, seq, token, top, finish)))
                 else:
                     deferred.append((req, seq, token, top, finish))
             except Exception as exc:  # one request's fault fails that request only
@@ -181,7 +151,7 @@ class LLMEngine:
                 outputs.append((False, self._fail(seq.request_id, f"{type(exc).__name__}: {exc}")))
         return outputs, deferred
 
-    def _fail_batch(self, batch, exc: Exception) -> list[RequestOutput | None]:
+    def _fail_batch(self, batch, exc: Exception) -> list[EngineCoreOutput | None]:
         logger.error("model step failed", exc_info=exc)
         self.block_manager.reset_prefix_cache()  # blocks registered this step hold no valid KV
         message = f"the model step failed: {type(exc).__name__}: {exc}"
@@ -217,14 +187,12 @@ class LLMEngine:
         others[self.eos_token_ids] = False
         return bool(others.any())
 
-    def _account(self, req: Request, seq: Sequence, token: int, now: float) -> str | None:
-        """Count one sampled (already appended) token; the finish reason its id alone decides (end of sequence,
-        lengths, a completed grammar). A finished sequence leaves the scheduler now, before the next launch."""
+    def _account(self, req: Request, seq: Sequence, token: int) -> str | None:
+        """Check one sampled (already appended) token; the finish reason its id alone decides (end of sequence,
+        stop token ids, lengths, a completed grammar). A finished sequence leaves the scheduler now, before the
+        next launch."""
         if token < 0:
             raise FloatingPointError("the model produced non-finite logits (NaN/inf) for this request")
-        if req.metrics.first_token_time is None:
-            req.metrics.first_token_time = now
-        req.completion_tokens += 1
         finish = seq.check_token_stop(self.eos_token_set, self.max_seq_len)
         if req.matchers:
             matcher = req.matchers[seq.index]
@@ -233,36 +201,19 @@ class LLMEngine:
             if matcher.is_terminated() and finish is None:
                 finish = "stop"
         if finish is not None:
-            self.scheduler.finish(seq)
+            self.scheduler.finish(seq, finish)
         return finish
 
     def _emit(self, req: Request, seq: Sequence, token: int, top: dict[int, float] | None,
-              finish: str | None) -> RequestOutput | None:
-        """The text delta of one accounted token (stop strings end the sequence here)."""
+              finish: str | None) -> EngineCoreOutput | None:
         if seq.request_id not in self.requests:
             return None  # aborted (or failed) since the token was accounted
-        try:
-            detok = req.detokenizers[seq.index]
-            if finish == "stop" and token in self.eos_token_set | set(req.params.stop_token_ids):
-                text = detok.flush()  # the stop token itself is never shown
-            else:
-                text, stop_hit = detok.step([token])
-                if stop_hit:
-                    finish = "stop"
-                    self.scheduler.finish(seq)
-                elif finish is not None:
-                    text += detok.flush()
-        except Exception as exc:  # one request's fault fails that request only
-            logger.exception("request %s failed", seq.request_id)
-            return self._fail(seq.request_id, f"{type(exc).__name__}: {exc}")
-        if finish is not None:
-            req.num_finished += 1
-        out = req.delta(seq, text, [token], finish, top)
+        out = req.output(seq, token, finish, top)
         if req.finished:
             del self.requests[seq.request_id]
         return out
 
-    def _fail(self, request_id: str, message: str) -> RequestOutput | None:
+    def _fail(self, request_id: str, message: str) -> EngineCoreOutput | None:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None

@@ -18,11 +18,9 @@ _INCOMPLETE = "\ufffd"  # what decode() shows for a character whose bytes have n
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: "SamplingParams"):
-        # The prompt is not part of the output text (deltas equal decode(output ids)); kept for the record.
+    def __init__(self, tokenizer: Any, params: "SamplingParams"):
         self.tokenizer = tokenizer
         self.backend = _backend_decoder(tokenizer)
-        self.num_prompt_tokens = len(prompt_token_ids)
         self.skip_special_tokens = params.skip_special_tokens
         self.stop = list(params.stop)
         self.min_tokens = params.min_tokens
