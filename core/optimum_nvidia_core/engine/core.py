@@ -2,9 +2,12 @@
 finish reasons out. No tokenizer and no text: the output processor above turns ids into text and stop strings
 into aborts. Runs on one thread (its own process's, see ``core_proc``, or an engine thread).
 
-A step is pipelined with the device: ``step()`` collects the step in flight (the one host sync), decides which
-sequences finish (end of sequence, stop token ids, lengths, grammars), launches the next step, and only then
-builds the outputs of the collected one. A request's first token goes out before the launch.
+Asynchronous scheduling: ``step()`` schedules and launches step N+1 BEFORE it waits for step N's tokens, so the
+device always has the next step queued while the host accounts the last one. Each decoding sequence carries a
+placeholder for its token in flight (the scheduler counts it; the model runner feeds it to step N+1 from the
+device), and a finish found when step N lands (end of sequence, stop token ids, a grammar) drops the token step
+N+1 sampled for it. Lengths (max_tokens, max_seq_len) are known ahead and cost no extra step. A step holding
+sequences whose next input needs their newest token on the host (penalties, grammars) is collected first.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ class EngineCore:
         self.vocab_size = loaded.vocab_size
         self.runner = ModelRunner(loaded.model, config, self.device, self.dtype, self.max_seq_len, self.eos_token_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.max_batch_size, config.max_num_tokens, self.block_manager)
+        self.scheduler = Scheduler(config.max_batch_size, config.max_num_tokens, self.block_manager,
+                                   max_seq_len=self.max_seq_len)
         self.requests: dict[str, Request] = {}
         self._in_flight = None  # (ScheduledBatch, LaunchedStep) queued on the device, collected by the next step()
         self._guided = None
@@ -93,63 +97,64 @@ class EngineCore:
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
-        """Collect the step in flight, launch the next, then build the outputs that could wait (see the module
+        """Launch the next step, then collect the one in flight and return its outputs (see the module
         docstring)."""
-        outputs, deferred = self._collect()
-        if not any(first for first, _ in outputs):  # a first token goes out now: time to first token counts
-            outputs += [(False, o) for o in self._launch()]
-        outputs += [(False, self._emit(*item)) for item in deferred]
-        return [o for _, o in outputs if o is not None]
+        in_flight, self._in_flight = self._in_flight, None
+        outputs: list[EngineCoreOutput | None] = []
+        if in_flight is not None and in_flight[0].needs_host_tokens:  # its tokens decide the next inputs
+            outputs, in_flight = self._collect(in_flight), None
+        outputs += self._launch()
+        if in_flight is not None:
+            outputs += self._collect(in_flight)
+        return [o for o in outputs if o is not None]
 
     def _launch(self) -> list[EngineCoreOutput | None]:
-        """Schedule the next batch and queue it on the device; returns the deltas of requests that failed."""
+        """Schedule the next batch and queue it on the device; returns the outputs of requests that failed."""
         batch = self.scheduler.schedule()
         outputs = [self._fail(seq.request_id, seq.error or "the request cannot be scheduled") for seq in batch.failed]
+        allowed = None
+        if batch.seqs:
+            self.counters["max_running_seqs"] = max(self.counters["max_running_seqs"], len(batch.seqs))
+            self.counters["max_batch_tokens"] = max(self.counters["max_batch_tokens"], sum(batch.num_query_tokens))
+            allowed, failed = self._grammar_masks(batch)
+            if failed:  # their blocks are freed: take them out of this step
+                outputs += [self._fail(rid, msg) for rid, msg in failed]
+                batch, allowed = self._only_live(batch, allowed)
+                # Blocks they registered for prefix reuse when scheduled will never be computed now.
+                self.block_manager.reset_prefix_cache()
         if not batch.seqs:
+            self.runner.release(batch.released)
             return outputs
-        self.counters["max_running_seqs"] = max(self.counters["max_running_seqs"], len(batch.seqs))
-        self.counters["max_batch_tokens"] = max(self.counters["max_batch_tokens"], sum(batch.num_query_tokens))
-        allowed, failed = self._grammar_masks(batch)
-        if failed:  # their blocks are freed: take them out of this step
-            outputs += [self._fail(rid, msg) for rid, msg in failed]
-            batch, allowed = self._only_live(batch, allowed)
-            # Blocks they registered for prefix reuse when scheduled will never be computed now.
-            self.block_manager.reset_prefix_cache()
-            if not batch.seqs:
-                return outputs
         try:
-            self._in_flight = (batch, self.runner.launch(batch, allowed))
+            launched = self.runner.launch(batch, allowed)
         except Exception as exc:  # e.g. out of memory on a huge prefill: fail this batch, keep serving
-            outputs += self._fail_batch(batch, exc)
+            return outputs + self._fail_batch(batch, exc)
+        self.scheduler.advance(batch)
+        self._in_flight = (batch, launched)
         return outputs
 
-    def _collect(self) -> tuple[list[tuple[bool, EngineCoreOutput | None]], list[tuple]]:
-        """Wait for the step in flight and account its tokens. Returns (outputs built now, each flagged when it
-        carries a sequence's first token; (request, seq, token, logprobs, finish) whose output can wait)."""
-        if self._in_flight is None:
-            return [], []
-        batch, launched = self._in_flight
-        self._in_flight = None
+    def _collect(self, in_flight) -> list[EngineCoreOutput | None]:
+        """Wait for a launched step, resolve its placeholders and decide the token-level finishes."""
+        batch, launched = in_flight
         try:
             tokens, logprobs = self.runner.collect(launched)
         except Exception as exc:  # an error the device reports at the sync
-            return [(False, o) for o in self._fail_batch(batch, exc)], []
-        self.scheduler.postprocess(batch, tokens)
-        outputs, deferred = [], []
+            return self._fail_batch(batch, exc)
+        self.scheduler.resolve(batch, tokens)
+        outputs = []
+        requests = self.requests
         for seq, token, top in zip(batch.seqs, tokens, logprobs):
-            req = self.requests.get(seq.request_id)
-            if token is None or req is None or seq.finish_reason == "abort":
+            if token is None or seq.is_finished:  # mid-prompt, or finished since launch: its token is dropped
+                continue
+            req = requests.get(seq.request_id)
+            if req is None:
                 continue
             try:
-                finish = self._account(req, seq, token)
-                if seq.num_output_tokens == 1:
-                    outputs.append((True, self._emit(req, seq, token, top, finish)))
-                else:
-                    deferred.append((req, seq, token, top, finish))
+                outputs.append(self._emit(req, seq, token, top, self._account(req, seq, token)))
             except Exception as exc:  # one request's fault fails that request only
                 logger.exception("request %s failed", seq.request_id)
-                outputs.append((False, self._fail(seq.request_id, f"{type(exc).__name__}: {exc}")))
-        return outputs, deferred
+                outputs.append(self._fail(seq.request_id, f"{type(exc).__name__}: {exc}"))
+        return outputs
 
     def _fail_batch(self, batch, exc: Exception) -> list[EngineCoreOutput | None]:
         logger.error("model step failed", exc_info=exc)

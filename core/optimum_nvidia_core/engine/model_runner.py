@@ -162,6 +162,11 @@ class ModelRunner:
             sampled[i], top_all[i] = token_list[k], top[k]
         return sampled, top_all
 
+    def release(self, seqs: list) -> None:
+        """Free the persistent-batch rows of sequences that left (for a schedule that launched nothing)."""
+        for seq in seqs:
+            self.input_batch.release(seq)
+
     def _last_hidden(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         """hidden [T, H] -> [R, H]: the last query token of each sampled sequence."""
         if inputs.last_token_index is None:

@@ -29,6 +29,7 @@ class ScheduledBatch:
     # Sequences that gave their blocks back since the last schedule (finished, aborted, failed, preempted): the
     # model runner frees their persistent-batch rows.
     released: list[Sequence] = field(default_factory=list)
+    needs_host_tokens: bool = False  # some sequence's next input needs this step's token on the host
 
     @property
     def num_tokens(self) -> int:
@@ -38,6 +39,8 @@ class ScheduledBatch:
         self.seqs.append(seq)
         self.num_query_tokens.append(num_tokens)
         self.samples.append(samples)
+        if seq.needs_host_tokens:
+            self.needs_host_tokens = True
 
 
 @dataclass
