@@ -26,3 +26,10 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
         if tensor.is_floating_point() and tensor.element_size() > 1:
             return tensor.device, tensor.dtype
     raise ValueError("the model has no floating-point parameters; cannot tell its compute dtype")
+
+
+def gpu_memory(device: torch.device) -> int | None:
+    """Total memory of a CUDA device in bytes; None for the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory

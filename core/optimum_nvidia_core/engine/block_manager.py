@@ -122,6 +122,15 @@ class BlockManager:
                     self._register(table[i], seq.block_hashes[i])
                 seq.num_registered_blocks = full
 
+    def try_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """can_append, then append: False (and nothing changed) when the free blocks are too few."""
+        end = seq.num_computed_tokens + num_new_tokens
+        missing = -(-end // self.block_size) - len(seq.block_table)
+        if missing > 0 and missing > len(self._free_uncached) + len(self._free_cached):
+            return False
+        self.append(seq, num_new_tokens)
+        return True
+
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks. Tail blocks are freed first so they are evicted before the shared head."""
         for block_id in reversed(seq.block_table):

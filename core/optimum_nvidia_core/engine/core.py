@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import EngineConfig
+from ..devices import gpu_memory
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .interface import EngineCoreOutput, EngineCoreRequest, EngineInfo, check_token_ids
@@ -32,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, config: EngineConfig):
-        self.config = config
         loaded: LoadedModel = load(config)
+        self.config = config = config.with_limits(gpu_memory(loaded.device))  # "auto" step limits resolved
         self.loaded = loaded
         self.device, self.dtype = loaded.device, loaded.dtype
         self.max_seq_len = loaded.max_seq_len

@@ -1,8 +1,9 @@
 """Tensors for one engine step: batch layout, paged KV cache, model forward, logits, sampling.
 
-The CPU path is the reference (plain torch). On CUDA, decode-only steps replay CUDA graphs captured per batch
-bucket and one sequence's prefill chunk replays a graph captured per token bucket (``cuda_graph_runner``); mixed
-batches run eagerly.
+The step's inputs come from the persistent batch (``input_batch``). The CPU path is the reference (plain torch).
+On CUDA, decode-only steps replay CUDA graphs captured per batch bucket, prefill chunks and mixed steps of up to
+MIXED_GRAPH_TOKENS tokens replay graphs captured per token bucket (``cuda_graph_runner``); larger steps run
+eagerly.
 """
 from __future__ import annotations
 
@@ -98,8 +99,12 @@ class ModelRunner:
             from .cuda_graph_runner import CudaGraphRunner
         except ImportError:
             return None
+        from .cuda_graph_runner import MIXED_GRAPH_TOKENS
+
+        budget = min(self.config.max_num_tokens, self.max_seq_len)
         graphs = CudaGraphRunner(self.model, self.config.max_batch_size, self.max_blocks_per_seq, self.device,
-                                 max_prefill_tokens=min(self.config.max_num_tokens, self.max_seq_len))
+                                 max_prefill_tokens=budget,
+                                 max_mixed_tokens=min(self.config.max_num_tokens, MIXED_GRAPH_TOKENS))
         graphs.capture()
         return graphs
 
@@ -133,7 +138,7 @@ class ModelRunner:
         self._steps += 1
         step = LaunchedStep(len(batch.seqs), rows, tokens, out.logprobs, step_id=self._steps,
                             batch_rows=inputs.sample_rows,
-                            seq_ids=np.fromiter((s.seq_id for s in sample_seqs), np.int64, len(rows)))
+                            seq_ids=self.input_batch.row_seq[inputs.sample_rows])
         self.input_batch.launched(self._steps, inputs.sample_rows, out.token_ids)
         if tokens.is_cuda:  # copy into pinned memory behind the step; collect() waits on the event
             step.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

@@ -90,9 +90,12 @@ class Scheduler:
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        """Running sequences, decodes first, while budget and blocks last; the newest unscheduled one is
+        preempted when a block is short. One pass with few attribute reads: it runs for every sequence and step."""
         decodes, prefills, idle = [], [], []
+        finished = SequenceStatus.FINISHED
         for seq in self.running:
-            if seq.status is SequenceStatus.FINISHED:
+            if seq.status is finished:
                 continue
             num_tokens = len(seq.token_ids) + seq.num_placeholders
             if seq.num_placeholders and (seq.needs_host_tokens or num_tokens >= seq.max_num_tokens):
@@ -102,25 +105,34 @@ class Scheduler:
             else:
                 prefills.append(seq)
         self._num_finished_running = 0
-        queue = deque(decodes + prefills)
-        scheduled: list[Sequence] = []
-        block_manager = self.block_manager
-        while queue and budget > 0 and len(scheduled) < self.max_batch_size:
-            seq = queue.popleft()
-            uncomputed = seq.num_uncomputed_tokens
-            num_tokens = min(uncomputed, budget)
-            while not block_manager.can_append(seq, num_tokens) and queue:
-                self._preempt(queue.pop(), batch)  # newest first; never one already scheduled this step
-            if block_manager.can_append(seq, num_tokens):
-                block_manager.append(seq, num_tokens)
-                batch._add(seq, num_tokens, num_tokens == uncomputed)
+        queue = decodes + prefills
+        next_, end = 0, len(queue)  # queue[next_:end] are still to schedule; preemption takes queue[end - 1]
+        scheduled, try_append = [], self.block_manager.try_append
+        seqs, query_lens, samples = batch.seqs, batch.num_query_tokens, batch.samples
+        max_batch_size = self.max_batch_size
+        while next_ < end and budget > 0 and len(scheduled) < max_batch_size:
+            seq = queue[next_]
+            next_ += 1
+            uncomputed = len(seq.token_ids) + seq.num_placeholders - seq.num_computed_tokens
+            num_tokens = uncomputed if uncomputed < budget else budget
+            fits = try_append(seq, num_tokens)
+            while not fits and next_ < end:
+                end -= 1
+                self._preempt(queue[end], batch)  # newest first; never one already scheduled this step
+                fits = try_append(seq, num_tokens)
+            if fits:
                 scheduled.append(seq)
+                seqs.append(seq)
+                query_lens.append(num_tokens)
+                samples.append(num_tokens == uncomputed)
+                if seq.needs_host_tokens:
+                    batch.needs_host_tokens = True
                 budget -= num_tokens
             elif not scheduled:  # it holds every used block and still does not fit
                 self._fail(seq, batch, self._too_big_message(seq))
             else:
                 self._preempt(seq, batch)
-        self.running = scheduled + list(queue) + idle
+        self.running = scheduled + queue[next_:end] + idle
         return budget
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
@@ -184,8 +196,7 @@ class Scheduler:
             if start < seq.num_prompt_tokens:
                 stats.prompt_tokens_computed += min(start + num_tokens, seq.num_prompt_tokens) - start
             seq.num_computed_tokens = start + num_tokens
-            if samples:
-                seq.num_placeholders += 1
+            seq.num_placeholders += samples
 
     def resolve(self, batch: ScheduledBatch, sampled: list[int | None]) -> None:
         """When the step's tokens reach the host: each replaces its sequence's oldest placeholder (None where
