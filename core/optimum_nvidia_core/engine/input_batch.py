@@ -94,6 +94,7 @@ class InputBatch:
         self.row_seq[row] = seq.seq_id
         table = seq.block_table
         self.block_tables[row, : len(table)] = table
+        self.block_tables[row, len(table):] = 0  # what the row's last holder left
         self.num_blocks[row] = len(table)
         self.last_token[row] = seq.token_ids[-1]
         self.pending[row] = -1
