@@ -1,15 +1,15 @@
 """Host work of one engine-core step, measured with a tiny model (issue 9, issue 13).
 
     PYTHONPATH=core:. python benchmarks/host_overhead.py [--seqs 1,256,1024] [--steps 30] [--sampled] [--profile]
-                                                         [--device cuda] [--out results.json]
+                                                         [--device cuda] [--clock cpu] [--out results.json]
 
 Runs the real ``EngineCore.step`` loop (token ids in, token ids out: no detokenizer, that is the output
 processor's, off the core) on a tiny random LLaMA (hidden 64, 2 layers, vocab 512) with N concurrent decoding
 sequences, and splits each decode step's wall time into phases (ms per step):
   schedule    Scheduler.schedule
   prepare     ModelRunner.prepare (persistent batch -> the step's input tensors, one staging copy)
-  forward     the model forward (tiny here: on a GPU this is the replayed CUDA graph's launch)
-  sample      logits + SamplingBatch + Sampler + the wait for the tokens (ModelRunner.launch/collect, the rest)
+  forward     the model forward and the LM head (tiny here; on a GPU the replayed CUDA graph's launch)
+  sample      SamplingBatch + Sampler + the wait for the tokens (ModelRunner.launch/collect, the rest)
   postprocess the rest of step(): placeholders resolved, token-level finishes, the outputs built
 Everything but ``forward`` is host work. With asynchronous scheduling the GPU runs step N while the host
 prepares step N+1 and accounts step N-1; on the CPU nothing overlaps. One torch thread, so the numbers are
@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PHASES = ("schedule", "prepare", "forward", "sample", "postprocess")
+CLOCK = [time.perf_counter]  # --clock cpu: time.thread_time, this thread's CPU time (a shared machine's load aside)
 
 
 def make_engine(model_dir: Path, max_batch_size: int, device: str):
@@ -62,18 +63,19 @@ class PhaseTimer:
         engine.scheduler.schedule = self._timed(engine.scheduler.schedule, "schedule")
         runner.prepare = self._timed(runner.prepare, "prepare")
         runner.model.forward = self._timed(runner.model.forward, "forward")
+        runner.model.compute_logits = self._timed(runner.model.compute_logits, "forward")  # the LM head: device work
         if runner.graphs is not None:  # CUDA: decode replays a graph; only its launch is timed here
             runner.graphs.run = self._timed(runner.graphs.run, "forward")
 
     def _timed(self, fn, phase: str):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            begin = time.perf_counter()
+            begin = CLOCK[0]()
             try:
                 return fn(*args, **kwargs)
             finally:
                 if self.enabled:
-                    self.totals[phase] += time.perf_counter() - begin
+                    self.totals[phase] += CLOCK[0]() - begin
         return wrapper
 
 
@@ -98,9 +100,9 @@ def measure(engine, num_seqs: int, steps: int, sampled: bool, profile: bool) -> 
     if profiler:
         profiler.enable()
     for _ in range(steps):
-        begin = time.perf_counter()
+        begin = CLOCK[0]()
         engine.step()
-        step_total += time.perf_counter() - begin
+        step_total += CLOCK[0]() - begin
     if profiler:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
@@ -128,7 +130,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cuda: forward replays CUDA graphs, copies are real H2D")
     parser.add_argument("--profile", action="store_true", help="cProfile the measured steps (top 25 by own time)")
     parser.add_argument("--out", help="also write the rows as JSON here")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: count this thread's CPU time only (on a machine shared with other jobs)")
     args = parser.parse_args()
+    if args.clock == "cpu":
+        CLOCK[0] = time.thread_time
     torch.set_num_threads(1)
     counts = [int(n) for n in args.seqs.split(",")]
     rows = []
@@ -136,7 +142,8 @@ def main() -> None:
         engine = make_engine(write_model(Path(tmp)), max(counts), args.device)
         _time_runner(engine.runner)
         header = " ".join(f"{p:>11}" for p in PHASES)
-        print(f"{'seqs':>5} {header} {'host total':>11} {'us/seq':>7}  (ms per decode step, {args.device})")
+        print(f"{'seqs':>5} {header} {'host total':>11} {'us/seq':>7}  (ms per decode step, {args.device}, "
+              f"{args.clock} clock)")
         for n in counts:
             ms = measure(engine, n, args.steps, args.sampled, args.profile)
             rows.append({"seqs": n, **ms})
@@ -144,7 +151,7 @@ def main() -> None:
                   f" {ms['us_per_seq']:>7.2f}", flush=True)
     if args.out:
         device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-        Path(args.out).write_text(json.dumps({"device": device, "sampled": args.sampled, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"device": device, "sampled": args.sampled, "clock": args.clock, "rows": rows}, indent=1))
 
 
 def _time_runner(runner) -> None:
@@ -154,11 +161,11 @@ def _time_runner(runner) -> None:
         fn = getattr(runner, name)
 
         def timed(*args, _fn=fn, **kwargs):
-            begin = time.perf_counter()
+            begin = CLOCK[0]()
             try:
                 return _fn(*args, **kwargs)
             finally:
-                runner.timed_run_s += time.perf_counter() - begin
+                runner.timed_run_s += CLOCK[0]() - begin
         setattr(runner, name, functools.wraps(fn)(timed))
 
 

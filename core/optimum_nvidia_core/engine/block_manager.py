@@ -126,6 +126,9 @@ class BlockManager:
         """can_append, then append: False (and nothing changed) when the free blocks are too few."""
         end = seq.num_computed_tokens + num_new_tokens
         missing = -(-end // self.block_size) - len(seq.block_table)
+        if missing <= 0 and (not self.enable_prefix_caching
+                             or min(end, len(seq.token_ids)) // self.block_size <= seq.num_registered_blocks):
+            return True  # the common decode step: room in its last block, no block filled
         if missing > 0 and missing > len(self._free_uncached) + len(self._free_cached):
             return False
         self.append(seq, num_new_tokens)

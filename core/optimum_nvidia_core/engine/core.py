@@ -26,7 +26,7 @@ from .loading import LoadedModel, load
 from .model_runner import ModelRunner
 from .request import Request
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -143,18 +143,21 @@ class EngineCore:
             return self._fail_batch(batch, exc)
         self.scheduler.resolve(batch, tokens)
         outputs = []
-        requests = self.requests
+        requests, finished = self.requests, SequenceStatus.FINISHED
         for seq, token, top in zip(batch.seqs, tokens, logprobs):
-            if token is None or seq.is_finished:  # mid-prompt, or finished since launch: its token is dropped
+            if token is None or seq.status is finished:  # mid-prompt, or finished since launch: token dropped
                 continue
             req = requests.get(seq.request_id)
             if req is None:
                 continue
             try:
-                outputs.append(self._emit(req, seq, token, top, self._account(req, seq, token)))
+                outputs.append(req.output(seq, token, self._account(req, seq, token), top))
             except Exception as exc:  # one request's fault fails that request only
                 logger.exception("request %s failed", seq.request_id)
                 outputs.append(self._fail(seq.request_id, f"{type(exc).__name__}: {exc}"))
+                continue
+            if req.finished:
+                del requests[seq.request_id]
         return outputs
 
     def _fail_batch(self, batch, exc: Exception) -> list[EngineCoreOutput | None]:
@@ -209,15 +212,6 @@ class EngineCore:
         if finish is not None:
             self.scheduler.finish(seq, finish)
         return finish
-
-    def _emit(self, req: Request, seq: Sequence, token: int, top: dict[int, float] | None,
-              finish: str | None) -> EngineCoreOutput | None:
-        if seq.request_id not in self.requests:
-            return None  # aborted (or failed) since the token was accounted
-        out = req.output(seq, token, finish, top)
-        if req.finished:
-            del self.requests[seq.request_id]
-        return out
 
     def _fail(self, request_id: str, message: str) -> EngineCoreOutput | None:
         req = self.requests.pop(request_id, None)

@@ -134,7 +134,8 @@ class ModelRunner:
         sampling = self.input_batch.sampling.batch(inputs.sample_rows, inputs.sample_positions, sample_seqs,
                                                    logits.device, allowed_mask=mask)
         out = self.sampler(logits, sampling)
-        tokens = torch.where(torch.isfinite(logits).all(dim=-1), out.token_ids, -1)  # [R], -1: not finite
+        # [R], -1 where a row's logits are not all finite (a row sum is NaN or inf then; one reduction, no [R, V] mask)
+        tokens = torch.where(logits.sum(dim=-1).isfinite(), out.token_ids, -1)
         self._steps += 1
         step = LaunchedStep(len(batch.seqs), rows, tokens, out.logprobs, step_id=self._steps,
                             batch_rows=inputs.sample_rows,
