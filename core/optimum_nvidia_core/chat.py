@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,12 @@ For each function call, return a json object with function name and arguments wi
 def normalize_messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Validated copies: roles checked, content as one string, tool calls as {"id", "type", "function": {"name",
     "arguments": dict}} (the form chat templates expect). Raises ValueError naming the message and the fix."""
-    if not isinstance(messages, (list, tuple)) or not messages:
+    if isinstance(messages, Mapping):
+        raise TypeError("messages must be a list of messages, got one dict; wrap it in a list: [message]")
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError(f"messages must be a list of dicts with 'role' and 'content', got {type(messages).__name__}"
+                        + ("; pass list(messages)" if isinstance(messages, Iterator) else ""))
+    if not messages:
         raise ValueError("messages is empty; pass at least one message, e.g. [{'role': 'user', 'content': 'Hi'}]")
     return [_normalize_message(i, m) for i, m in enumerate(messages)]
 
@@ -158,6 +163,9 @@ class ChatFormatter:
                 conversation, tools=(tools or None) if native else None, chat_template=template,
                 add_generation_prompt=add_generation_prompt, tokenize=False, return_dict=False)
         except Exception as exc:  # jinja2 errors, the template's raise_exception(), KeyError/TypeError inside it
+            if type(exc).__name__ == "TemplateSyntaxError":  # jinja2's: the template itself is broken
+                raise ValueError(f"the model's chat template is not valid Jinja (line {exc.lineno}: {exc}); fix "
+                                 "chat_template in the model's tokenizer_config.json or chat_template.jinja") from exc
             roles = [m["role"] for m in conversation]
             raise ValueError(
                 f"the model's chat template rejected these messages (roles {roles}): {type(exc).__name__}: {exc}. "
@@ -172,8 +180,9 @@ class ChatFormatter:
         except ValueError:
             if not strict:
                 return None
-            raise ValueError("this model's tokenizer has no chat template; pass chat_template=... (a Jinja "
-                             "template), or call LLM.generate with a plain text prompt") from None
+            raise ValueError("this model has no chat template (neither its tokenizer_config.json nor a "
+                             "chat_template.jinja in its directory has one); add a chat_template.jinja file to the "
+                             "model's directory, or call LLM.generate with a plain text prompt") from None
 
 
 def _template_from_dir(tokenizer: Any, model_dir: str | Path | None) -> str | None:

@@ -4,7 +4,7 @@
     optimum-nvidia chat MODEL            # one user turn per input line; /reset clears the history, /exit quits
     optimum-nvidia bench [--model MODEL] # benchmarks/bench.py when present, else a built-in throughput run
     optimum-nvidia info                  # GPU, FP8 support, cache entries and their sizes
-    optimum-nvidia cache clear           # delete everything under the cache ($OPTIMUM_NVIDIA_CACHE)
+    optimum-nvidia cache clear           # delete the cache's entries ($OPTIMUM_NVIDIA_CACHE); other files stay
 
 Only the public core API is used here (LLM, SamplingParams, hub); model loading happens inside the command.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cache import cache_entries, foreign_paths, remove_entries
 from .hub import DEFAULT_MODEL, project_cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # core/optimum_nvidia_core/cli.py -> the source checkout
@@ -76,7 +76,32 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         if text:
             history.append({"role": "user", "content": text})
-            history.append({"role": "assistant", "content": _stream_answer(llm, system + history, params, args)})
+            _chat_turn(llm, system, history, params, args)
+
+
+def _chat_turn(llm: Any, system: list[dict], history: list[dict], params: Any, args: argparse.Namespace) -> None:
+    """Answer the last user message of ``history`` and append the answer. While the conversation does not fit the
+    context, the oldest turn is dropped (with a notice); a message that does not fit alone, or that the model
+    refuses, is reported and left out. Either way the chat goes on."""
+    from .request_checks import ContextLengthError
+
+    while True:
+        try:
+            answer = _stream_answer(llm, system + history, params, args)
+        except ContextLengthError as error:
+            if len(history) > 2:  # an older (user, assistant) turn to give up
+                del history[:2]
+                print("(the conversation outgrew the context: dropped the oldest turn)", file=sys.stderr, flush=True)
+                continue
+            history.pop()
+            print(f"error: {error}. That message was not sent: send a shorter one", file=sys.stderr, flush=True)
+            return
+        except ValueError as error:  # nothing was generated (e.g. invalid text): the conversation stays as it was
+            history.pop()
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return
+        history.append({"role": "assistant", "content": answer})
+        return
 
 
 def _stream_answer(llm: Any, messages: list[dict], params: Any, args: argparse.Namespace) -> str:
@@ -154,65 +179,30 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"{props.total_memory / 2**30:.1f} GiB; FP8: {fp8}")
     root = project_cache_dir()
     entries = cache_entries(root)
-    total = sum(size for _, _, size in entries)
+    total = sum(entry.size for entry in entries)
     print(f"Cache: {root} ({len(entries)} entries, {human_size(total)})")
-    for path, kind, size in entries:
-        print(f"  {human_size(size):>10}  {path.relative_to(root)}  {kind}")
+    for entry in entries:
+        print(f"  {human_size(entry.size):>10}  {entry.path.relative_to(root)}  {entry.kind}")
     return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    """``cache clear``: delete every entry (engines, converted models, stale temporaries) under the cache root."""
+    """``cache clear``: delete the cache's entries (engines, converted models, leftovers of killed builds). Only
+    what this package wrote is touched, recognized by its layout and manifest: other files under the cache root
+    are left alone."""
     root = project_cache_dir()
-    entries = cache_entries(root)
-    total = sum(size for _, _, size in entries)
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
-    print(f"Removed {len(entries)} cache entries ({human_size(total)}) from {root}")
+    removed, busy = remove_entries(cache_entries(root))
+    print(f"Removed {len(removed)} cache entries ({human_size(sum(e.size for e in removed))}) from {root}")
+    for entry in busy:
+        print(f"Skipped {entry.path}: a build running now holds it; run `cache clear` again once it is done")
+    others = foreign_paths(root)
+    if others:
+        names = ", ".join(str(p.relative_to(root)) for p in others[:5]) + (", ..." if len(others) > 5 else "")
+        print(f"Left alone {len(others)} path(s) that are not cache entries: {names}")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-
-
-def cache_entries(root: Path) -> list[tuple[Path, str, int]]:
-    """(path, kind, bytes) for each engine, converted model or leftover temporary under ``root`` (2 levels)."""
-    found: list[tuple[Path, str, int]] = []
-    if not root.is_dir():
-        return found
-    candidates = [p for p in sorted(root.iterdir()) if p.is_dir()]
-    for parent in list(candidates):
-        candidates += [p for p in sorted(parent.iterdir()) if p.is_dir()]
-    for path in candidates:
-        if path.name.startswith((".tmp", ".trash")) or ".tmp-" in path.name:
-            kind = "incomplete build"
-        elif (path / "manifest.json").is_file():
-            kind = "engine " + _manifest_model(path)
-        elif (path / "config.json").is_file():
-            kind = "model checkpoint"
-        else:
-            continue
-        found.append((path, kind, dir_size(path)))
-    return found
-
-
-def _manifest_model(engine_dir: Path) -> str:
-    try:
-        manifest = json.loads((engine_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return "(unreadable manifest)"
-    recipe = manifest.get("identity", {}).get("recipe") or {}
-    weights = "fp8" if recipe.get("use_fp8") else "unquantized"
-    kv = ", fp8 kv cache" if recipe.get("kv_cache_dtype") == "fp8" else ""
-    return f"({manifest.get('model_name', '?')}, {weights}{kv})"
-
-
-def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def human_size(num_bytes: int) -> str:
@@ -304,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", help="manage the engine/model cache", description=cmd_cache.__doc__)
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    cache_commands.add_parser("clear", help="delete every cache entry", description=cmd_cache.__doc__)
+    cache_commands.add_parser("clear", help="delete every cache entry (never other files)",
+                              description=cmd_cache.__doc__)
     return parser
 
 

@@ -77,11 +77,16 @@ def read_config_dict(path: Path) -> dict:
             "*.safetensors + tokenizer files), or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'."
         )
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ModelResolutionError(
             f"Cannot read {config_file}: {error}. Replace it with the config.json of the original checkpoint."
         ) from error
+    if not isinstance(config, dict):
+        raise ModelResolutionError(
+            f"{config_file} holds a JSON {type(config).__name__}, not an object of model settings. Replace it with "
+            "the config.json of the original checkpoint.")
+    return config
 
 
 def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:

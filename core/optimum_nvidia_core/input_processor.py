@@ -3,10 +3,10 @@ SamplingParams to generate with. Runs on the caller's thread, before anything re
 callers come through a worker thread, never on their event loop)."""
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 from .engine.interface import EngineInfo, check_token_ids
+from .request_checks import ContextLengthError, as_token_ids, check_kv_room
 from .sampling_params import SamplingParams
 from .text_checks import check_unicode
 
@@ -25,13 +25,17 @@ class InputProcessor:
 
     def check_prompt(self, prompt: Any, params: SamplingParams) -> list[int]:
         """Token ids for ``prompt``, or an error that names the problem and the fix."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else token_id_list(prompt)
+        prompt = as_token_ids(prompt)
+        if not isinstance(prompt, (str, list)):
+            raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        ids = self.encode(prompt) if isinstance(prompt, str) else prompt
+        check_token_ids(ids, params, self.info.vocab_size)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
-        check_token_ids(ids, params, self.info.vocab_size)
+        check_kv_room(len(ids), params, self.info.num_blocks * self.info.block_size)
         max_seq_len = self.info.max_seq_len
         if len(ids) >= max_seq_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"the prompt has {len(ids)} tokens but max_seq_len is {max_seq_len}; shorten it, set "
                 "SamplingParams(truncate_prompt_tokens=N) to keep the last N tokens, or build with a larger "
                 "max_seq_len")
@@ -41,7 +45,7 @@ class InputProcessor:
             check_json_schema(params.guided_json, "guided_json")
         room = max_seq_len - len(ids)
         if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(
+            raise ContextLengthError(
                 f"max_tokens={params.max_tokens} does not fit: the prompt has {len(ids)} tokens and max_seq_len is "
                 f"{max_seq_len}, leaving room for {room}; lower max_tokens or pass max_tokens=None")
         return ids
@@ -56,17 +60,3 @@ class InputProcessor:
 
             self._chat = ChatRequestBuilder(self.tokenizer, Path(self.info.model_dir))
         return self._chat.prepare(messages, params, tools=tools, tool_choice=tool_choice)
-
-
-def token_id_list(prompt: Any) -> list[int]:
-    """A list of plain ints from a list, tuple or 1-D array of integers (numpy's included)."""
-    if hasattr(prompt, "tolist") and getattr(prompt, "ndim", 1) == 1:  # numpy array or torch tensor
-        prompt = prompt.tolist()
-    if not isinstance(prompt, (list, tuple)):
-        raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
-    ids = []
-    for t in prompt:
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-            raise ValueError(f"prompt token ids must be ints, got {t!r} ({type(t).__name__})")
-        ids.append(int(t))
-    return ids

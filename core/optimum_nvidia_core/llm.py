@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 from .config import EngineConfig
 from .hub import DEFAULT_MODEL
 from .outputs import Completion, RequestOutput
+from .request_checks import prompt_list
 from .request_stream import EngineError, RequestStream
 from .sampling_params import SamplingParams
 from .tool_stream import ToolCallStream
@@ -96,7 +97,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Whole results, one per prompt; all prompts run in one in-flight batch. An exception while waiting (a
         timeout signal, Ctrl-C) aborts every one of them."""
-        prompts = _prompt_list(prompts)
+        prompts = prompt_list(prompts)
         params_list = _params_per_prompt(params, len(prompts))
         streams: list[RequestStream] = []
         try:
@@ -203,22 +204,6 @@ def collect(deltas: Iterable[RequestOutput]) -> RequestOutput:
     )
 
 
-def _prompt_list(prompts: Any) -> list[Prompt]:
-    """One prompt (text or token ids) or a list of them, as a list; anything else is a TypeError that says what
-    to pass (a generator is consumed once, so it is refused rather than silently emptied)."""
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                    and isinstance(prompts[0], numbers.Integral)):
-        return [prompts]
-    if hasattr(prompts, "tolist") and getattr(prompts, "ndim", None) == 1:  # one prompt as an array of ids
-        return [prompts]
-    if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts must be a str, a list of token ids, or a list of those; got "
-                        f"{type(prompts).__name__} (wrap a generator in list(...))")
-    if not prompts:
-        raise ValueError("prompts is empty; pass at least one prompt")
-    return list(prompts)
-
-
 def _params_per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
     if params is None or isinstance(params, SamplingParams):
         return [params or SamplingParams()] * n
@@ -276,6 +261,21 @@ def _release(key: str) -> None:
         worker = _registry.pop(key, None)
     if worker is not None:
         worker.shutdown(timeout=5.0)
+
+
+def _forget_parent_engines() -> None:
+    """In a forked child: the parent's engines are the parent's (their sockets and threads did not come along).
+    Drop them here; an LLM handle used in the child starts an engine of its own."""
+    global _registry_lock
+    _registry_lock = threading.RLock()  # another thread of the parent may have held it at the fork
+    with _registry_lock:
+        workers = list(_registry.values())
+        _registry.clear()
+    for worker in workers:
+        worker.shutdown()  # in a child this only closes the child's copy of the socket
+
+
+os.register_at_fork(after_in_child=_forget_parent_engines)
 
 
 @atexit.register

@@ -68,6 +68,13 @@ class PluginOptions(BaseModel):
     # model id (this object's, or a per-call override) -> the shared core LLM handle
     _llm_handles: dict[str, Any] = PrivateAttr(default_factory=dict)
 
+    def __deepcopy__(self, memo: dict | None = None) -> "PluginOptions":
+        """A copy with its own fields that shares the engine handles: engines are shared per process anyway, and
+        a handle (threads, queues) cannot be copied. LangChain and LlamaIndex deep-copy models (configs, agents)."""
+        memo = {} if memo is None else memo
+        memo[id(self._llm_handles)] = dict(self._llm_handles)
+        return super().__deepcopy__(memo)
+
     # ---- engine ----------------------------------------------------------------------------------------
     def engine_options(self) -> dict[str, Any]:
         """Options for ``get_llm``; None means "the engine's default" and is left out."""

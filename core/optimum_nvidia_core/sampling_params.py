@@ -13,6 +13,7 @@ from .text_checks import check_unicode
 
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 256
+TOKEN_ID_LIMIT = 2**31  # token ids are int32 on the device
 
 
 class SamplingParams(BaseModel):
@@ -29,7 +30,8 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(
+        1.0, ge=0.01, le=10.0, description="> 1 discourages repeats; logits are divided by it, so it stays >= 0.01.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same output, whatever batch it shares.")
@@ -65,6 +67,14 @@ class SamplingParams(BaseModel):
             if len(s) > MAX_STOP_STRING_CHARS:
                 raise ValueError(f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters")
             check_unicode(s, "stop")
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _check_stop_token_ids(cls, value: list[int]) -> list[int]:
+        bad = [t for t in value if not 0 <= t < TOKEN_ID_LIMIT]
+        if bad:
+            raise ValueError(f"stop_token_ids must be token ids, >= 0 and < 2**31; got {bad[:5]}")
         return value
 
     @model_validator(mode="after")

@@ -79,6 +79,45 @@ def _fp8_on_a100(llm, tmp, monkeypatch, model_dir):
     LLM(str(model_dir), use_fp8=True, device="cuda")
 
 
+def _bad_config_model(model_dir: Path, tmp: Path, **changes) -> Path:
+    target = _copy_model(model_dir, tmp, "bad_config")
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **changes}))
+    return target
+
+
+def _list_config_model(model_dir: Path, tmp: Path) -> Path:
+    target = _copy_model(model_dir, tmp, "list_config")
+    (target / "config.json").write_text("[1, 2]")
+    return target
+
+
+def _chat_with_template(model_dir: Path, tmp: Path, template: str | None):
+    """Chat on a copy of the model whose chat template is ``template`` (None: no template at all)."""
+    target = _copy_model(model_dir, tmp, "template")
+    tokenizer_config = json.loads((target / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (target / name).unlink(missing_ok=True)
+    if template is not None:
+        (target / "chat_template.jinja").write_text(template)
+    other = LLM(str(target), device="cpu", max_seq_len=MAX_SEQ_LEN)
+    try:
+        other.chat(USER, GOOD)
+    finally:
+        other.shutdown()
+
+
+def _small_kv_cache(model_dir: Path, max_tokens: int):
+    """4 KV blocks of 16 tokens (64 in all) under max_seq_len 512: max_tokens must fit the cache, up front."""
+    small = LLM(str(model_dir), device="cpu", num_kv_blocks=4, block_size=16, max_seq_len=512)
+    try:
+        _stream(small, [5, 6, 7], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    finally:
+        small.shutdown()
+
+
 def _cuda_without_cuda(llm, tmp, monkeypatch, model_dir):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     LLM(str(model_dir), device="cuda")
@@ -106,10 +145,23 @@ CASES = [
      ValueError, r"token ids must be ints .*got \['a', 2.5\]"),
     ("prompt_wrong_type", lambda llm, *_: llm.generate([None], GOOD),
      TypeError, r"prompt must be a str or a list of token ids, got NoneType"),
+    ("prompts_as_a_generator", lambda llm, *_: llm.generate(p for p in ["Hi", "Hello"]),
+     TypeError, r"prompts is a generator; generate needs a list .*pass list\(prompts\)"),
+    ("prompts_wrong_type", lambda llm, *_: llm.generate(None, GOOD),
+     TypeError, r"prompts must be a str, a list of token ids, or a list of those; got NoneType"),
     ("lone_surrogate_in_prompt", lambda llm, *_: llm.generate(["ab\ud800cd"], GOOD),
      ValueError, r"lone surrogate at index 2"),
     # ---- chat messages
     ("empty_messages", lambda llm, *_: llm.chat([], GOOD), ValueError, r"messages is empty; pass at least one"),
+    ("messages_as_one_dict", lambda llm, *_: llm.chat(USER[0], GOOD),
+     TypeError, r"messages must be a list of messages, got one dict; wrap it in a list: \[message\]"),
+    ("messages_as_a_generator", lambda llm, *_: llm.chat((m for m in USER), GOOD),
+     TypeError, r"messages must be a list of dicts .*got generator; pass list\(messages\)"),
+    ("no_chat_template", lambda llm, tmp, mp, model_dir: _chat_with_template(model_dir, tmp, None),
+     ValueError, r"no chat template .*add a chat_template.jinja file to the model's directory, or call LLM.generate"),
+    ("chat_template_syntax_error", lambda llm, tmp, mp, model_dir: _chat_with_template(
+        model_dir, tmp, "{% for message in messages %}{{ message['content'] }}"),
+     ValueError, r"chat template is not valid Jinja \(line 1: .*\); fix chat_template in the model's"),
     ("message_not_a_dict", lambda llm, *_: llm.chat(["Hi"], GOOD),
      ValueError, r"message 0 must be a dict with 'role' and 'content'"),
     ("unknown_role", lambda llm, *_: llm.chat([{"role": "wizard", "content": "Hi"}], GOOD),
@@ -167,6 +219,18 @@ CASES = [
      ValidationError, r"stop string may have at most 256 characters"),
     ("lone_surrogate_in_stop", lambda *_: SamplingParams(stop=["end\udfff"]),
      ValidationError, r"stop contains a lone surrogate at index 3"),
+    ("stop_token_id_beyond_vocab", lambda llm, *_: llm.generate([[5, 6, 7]], SamplingParams(
+        max_tokens=4, min_tokens=2, stop_token_ids=[100000])),
+     ValueError, r"stop_token_ids must be token ids of this model, in \[0, 512\); got \[100000\]"),
+    ("stop_token_id_beyond_int32", lambda *_: SamplingParams(stop_token_ids=[2**64], min_tokens=2),
+     ValidationError, r"stop_token_ids\n.*>= 0 and < 2\*\*31; got \[18446744073709551616\]"),
+    ("negative_stop_token_id", lambda *_: SamplingParams(stop_token_ids=[-1]),
+     ValidationError, r"stop_token_ids\n.*>= 0 and < 2\*\*31; got \[-1\]"),
+    ("tiny_repetition_penalty", lambda *_: SamplingParams(repetition_penalty=1e-45),
+     ValidationError, r"repetition_penalty\n.*greater than or equal to 0.01"),
+    ("max_tokens_beyond_kv_cache", lambda llm, tmp, mp, model_dir: _small_kv_cache(model_dir, max_tokens=100),
+     ValueError, r"max_tokens=100 does not fit in the KV cache: it holds 64 tokens and the prompt has 3, leaving "
+                 r"room for 61; lower max_tokens.*num_kv_blocks"),
     ("n_zero", lambda *_: SamplingParams(n=0), ValidationError, r"\nn\n.*greater than or equal to 1"),
     ("n_too_large", lambda *_: SamplingParams(n=1000), ValidationError, r"\nn\n.*less than or equal to 64"),
     ("negative_seed", lambda *_: SamplingParams(seed=-1), ValidationError, r"seed\n.*greater than or equal to 0"),
@@ -192,6 +256,21 @@ CASES = [
     ("model_dir_without_config", lambda llm, tmp, mp, model_dir: LLM(str(_no_config_model(model_dir, tmp)),
                                                                       device="cpu"),
      ModelResolutionError, r"No config.json in .*Pass the directory of a Hugging Face checkpoint"),
+    ("config_negative_vocab_size", lambda llm, tmp, mp, model_dir: LLM(str(_bad_config_model(
+        model_dir, tmp, vocab_size=-5)), device="cpu"),
+     ModelResolutionError, r"config.json: vocab_size must be a positive integer, got -5. Fix it"),
+    ("config_zero_attention_heads", lambda llm, tmp, mp, model_dir: LLM(str(_bad_config_model(
+        model_dir, tmp, num_attention_heads=0)), device="cpu"),
+     ModelResolutionError, r"config.json: num_attention_heads must be a positive integer, got 0"),
+    ("config_zero_max_position_embeddings", lambda llm, tmp, mp, model_dir: LLM(str(_bad_config_model(
+        model_dir, tmp, max_position_embeddings=0)), device="cpu"),
+     ModelResolutionError, r"config.json: max_position_embeddings must be a positive integer, got 0"),
+    ("config_heads_not_a_multiple_of_kv_heads", lambda llm, tmp, mp, model_dir: LLM(str(_bad_config_model(
+        model_dir, tmp, num_key_value_heads=3)), device="cpu"),
+     ModelResolutionError, r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"),
+    ("config_is_a_json_list", lambda llm, tmp, mp, model_dir: LLM(str(_list_config_model(model_dir, tmp)),
+                                                                   device="cpu"),
+     ModelResolutionError, r"config.json holds a JSON list, not an object of model settings"),
     ("pickle_weights", lambda llm, tmp, mp, model_dir: LLM(str(_pickled_model(model_dir, tmp)), device="cpu"),
      ModelResolutionError, r"only in pickle \.bin files .*refused.*allow_pickle_weights=True"),
     ("unsupported_architecture", lambda llm, tmp, mp, model_dir: LLM(str(_gpt2_model(model_dir, tmp)),

@@ -38,6 +38,9 @@ def test_parser_rejects_unknown_arguments(capsys):
 
 def test_build_info_and_cache_clear(tiny_llama_dir, tmp_path):
     cache = tmp_path / "cache"
+    (cache / "projects").mkdir(parents=True)  # a user's files in the folder $OPTIMUM_NVIDIA_CACHE points at
+    (cache / "my_notes.txt").write_text("mine")
+    (cache / "projects" / "code.py").write_text("print('mine')\n")
     calibration = tmp_path / "calib.txt"
     calibration.write_text("The quick brown fox jumps over the lazy dog.\nParis is the capital of France.\n")
     built = run_cli("build", str(tiny_llama_dir), "--fp8", "--device", "cpu", "--calibration", str(calibration),
@@ -54,8 +57,10 @@ def test_build_info_and_cache_clear(tiny_llama_dir, tmp_path):
     assert "engine" in info.stdout
 
     cleared = run_cli("cache", "clear", cache=cache)
-    assert cleared.returncode == 0 and "Removed 1 cache entries" in cleared.stdout
+    assert cleared.returncode == 0 and "Removed 1 cache entries" in cleared.stdout, cleared.stdout
     assert not list(cache.rglob("manifest.json"))
+    assert (cache / "my_notes.txt").read_text() == "mine" and (cache / "projects" / "code.py").is_file()
+    assert "Left alone 2 path(s) that are not cache entries: my_notes.txt, projects" in cleared.stdout
     assert "(0 entries" in run_cli("info", cache=cache).stdout
 
 
@@ -111,3 +116,21 @@ def test_errors_are_one_line_with_the_fix(tmp_path):
     assert missing.returncode == 1
     assert missing.stderr.strip().startswith("error:") and "Traceback" not in missing.stderr
     assert "does not exist" in missing.stderr
+
+
+def test_chat_survives_an_over_long_line_and_a_conversation_that_outgrows_the_context(tiny_llama_dir, tmp_path):
+    """Issue 15, item 13: the tiny model's context is 512 tokens. A line longer than that is refused with a
+    message and the chat goes on; a conversation that outgrows the context drops its oldest turns, with a notice."""
+    long_line = "The quick brown fox jumps over the lazy dog. " * 80  # ~900 tokens
+    turn = "Paris is the capital of France; Berlin is the capital of Germany. " * 6  # ~150 tokens
+    turns = [long_line, "The quick brown fox"] + [turn] * 6 + ["/exit"]
+    chat = run_cli("chat", str(tiny_llama_dir), "--device", "cpu", "--temperature", "0", "--max-new-tokens", "4",
+                   "-v", cache=tmp_path, stdin="\n".join(turns) + "\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "Traceback" not in chat.stderr
+    assert re.search(r"error: the prompt has \d+ tokens but max_seq_len is 512.*That message was not sent: send a "
+                     r"shorter one", chat.stderr), chat.stderr
+    prompts = [int(m) for m in re.findall(r"\[(\d+) prompt tokens, \d+ new tokens", chat.stderr)]
+    assert len(prompts) == 7, chat.stderr  # every line but the over-long one got an answer
+    assert "(the conversation outgrew the context: dropped the oldest turn)" in chat.stderr
+    assert max(prompts) + 4 <= 512 and prompts[-1] < max(prompts)  # dropping made room, the chat went on

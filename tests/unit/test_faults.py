@@ -18,6 +18,7 @@ import torch
 from optimum_nvidia_core import LLM, SamplingParams
 from optimum_nvidia_core.request_stream import EngineError
 from engine_idle import wait_idle
+from fault_injection import use_faulty_runner
 
 LONG = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -25,10 +26,17 @@ PROMPTS = [[5 + i, 40 + 3 * i, 77, 100 + i] for i in range(4)]
 
 
 @pytest.fixture
-def llm(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), device="cpu", block_size=4, max_seq_len=512)
+def faults(monkeypatch):
+    runner = use_faulty_runner(monkeypatch)
+    yield runner
+    runner.hook = None
+
+
+@pytest.fixture
+def llm(tiny_llama_dir, faults):
+    """An engine on a thread of this process, so the faulty runner (a test double) is the one it uses."""
+    llm = LLM(str(tiny_llama_dir), device="cpu", block_size=4, max_seq_len=512, engine_process=False)
     yield llm
-    llm.engine.runner.fault_hook = None
     llm.shutdown()
 
 
@@ -51,10 +59,10 @@ def _poison_requests(request_ids: set[str], value: float = float("nan")):
 # ---- one request's fault fails that request only ----------------------------------------------------------------
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_logits_fail_that_request_only(llm, value):
+def test_non_finite_logits_fail_that_request_only(llm, faults, value):
     expected = [llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
     victims: set[str] = set()
-    llm.engine.runner.fault_hook = _poison_requests(victims, value)
+    faults.hook = _poison_requests(victims, value)
     victim = llm.stream(PROMPTS[0], LONG)
     others = [llm.stream(p, GREEDY) for p in PROMPTS[1:]]
     got = [next(victim) for _ in range(2)]  # it decodes normally, then its logits turn bad mid-stream
@@ -66,15 +74,15 @@ def test_non_finite_logits_fail_that_request_only(llm, value):
     for stream, want in zip(others, expected[1:]):
         assert [t for d in stream for t in d.token_ids] == want  # the batch-mates are untouched
     assert llm.stats()["errors"] == 1
-    llm.engine.runner.fault_hook = None
+    faults.hook = None
     _assert_idle_and_serving(llm)
 
 
-def test_non_finite_logits_in_the_first_token_fail_that_request(llm):
-    llm.engine.runner.fault_hook = lambda logits, seqs: logits.fill_(float("nan"))
+def test_non_finite_logits_in_the_first_token_fail_that_request(llm, faults):
+    faults.hook = lambda logits, seqs: logits.fill_(float("nan"))
     with pytest.raises(EngineError, match="non-finite logits"):
         llm.generate([PROMPTS[1]], GREEDY)
-    llm.engine.runner.fault_hook = None
+    faults.hook = None
     _assert_idle_and_serving(llm)
 
 
@@ -92,7 +100,7 @@ def test_grammar_that_allows_no_token_fails_that_request_only(llm):
     _assert_idle_and_serving(llm)
 
 
-def test_model_step_exception_fails_the_batch_and_keeps_serving(llm):
+def test_model_step_exception_fails_the_batch_and_keeps_serving(llm, faults):
     calls = {"n": 0}
 
     def explode_once(logits, seqs):
@@ -100,32 +108,30 @@ def test_model_step_exception_fails_the_batch_and_keeps_serving(llm):
         if calls["n"] == 1:
             raise RuntimeError("simulated CUDA error")
 
-    llm.engine.runner.fault_hook = explode_once
+    faults.hook = explode_once
     with pytest.raises(EngineError, match="simulated CUDA error"):
         llm.generate([PROMPTS[3]], GREEDY)
     assert llm.generate([PROMPTS[3]], GREEDY)[0].finish_reason == "length"  # same engine, next step fine
-    llm.engine.runner.fault_hook = None
+    faults.hook = None
     _assert_idle_and_serving(llm)
 
 
 # ---- the engine thread dies ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("death", ["system_exit_in_hook", "step_raises"])
-def test_dead_engine_fails_every_waiting_caller_within_a_second(llm, death):
-    first_engine = llm.engine
+@pytest.mark.parametrize("death", ["core_process_killed", "system_exit_on_the_engine_thread"])
+def test_dead_engine_fails_every_waiting_caller_within_a_second(tiny_llama_dir, faults, death):
+    in_process = death == "core_process_killed"
+    llm = LLM(str(tiny_llama_dir), device="cpu", block_size=4, max_seq_len=512, engine_process=in_process)
+    first = llm.stats()
     died_at: list[float] = []
     armed = threading.Event()
 
     def die(*_):
         if armed.is_set():
             died_at.append(time.monotonic())
-            raise SystemExit("simulated fatal error") if death == "system_exit_in_hook" else RuntimeError("boom")
+            raise SystemExit("simulated fatal error")
 
-    if death == "system_exit_in_hook":
-        first_engine.runner.fault_hook = die
-    else:
-        real_step = first_engine.step
-        first_engine.step = lambda: (die(), real_step())[1]
+    faults.hook = die
 
     # Waiting callers of every kind: sync streams on threads, async streams, a blocked generate().
     errors: dict[str, float] = {}
@@ -151,7 +157,11 @@ def test_dead_engine_fails_every_waiting_caller_within_a_second(llm, death):
     for t in threads:
         t.start()
     time.sleep(0.5)  # everyone is waiting on a running engine
-    armed.set()
+    if in_process:
+        died_at.append(time.monotonic())
+        os.kill(first["pid"], signal.SIGKILL)
+    else:
+        armed.set()
     for t in threads:
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads), "a caller hung after the engine died"
@@ -161,10 +171,12 @@ def test_dead_engine_fails_every_waiting_caller_within_a_second(llm, death):
     with pytest.raises(EngineError, match="engine"):  # the dead worker refuses work it cannot do
         _submit_to_the_dead_worker(llm)
     # The next call starts a fresh engine.
+    faults.hook = None
     out = llm.generate([PROMPTS[1]], GREEDY)[0]
-    assert llm.engine is not first_engine
+    assert llm.stats()["requests"] == 1, "the dead engine was reused"
     assert len(out.token_ids) == 10
     _assert_idle_and_serving(llm)
+    llm.shutdown()
 
 
 def _generate(llm: LLM, errors: dict[str, float]) -> None:
@@ -189,9 +201,9 @@ def test_keyboard_interrupt_in_the_consumer_loop_aborts(llm):
     _assert_idle_and_serving(llm)
 
 
-def test_ctrl_c_while_waiting_for_the_next_token_aborts(llm):
+def test_ctrl_c_while_waiting_for_the_next_token_aborts(llm, faults):
     """A real SIGINT while the main thread blocks in the stream (the engine is slowed down so it waits)."""
-    llm.engine.runner.fault_hook = lambda logits, seqs: time.sleep(0.05)
+    faults.hook = lambda logits, seqs: time.sleep(0.05)
     # Python's own Ctrl-C handler, whatever an earlier test's library (an asyncio runner, say) left installed.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.4, os.kill, args=(os.getpid(), signal.SIGINT))
@@ -204,7 +216,7 @@ def test_ctrl_c_while_waiting_for_the_next_token_aborts(llm):
     timer.join()
     signal.signal(signal.SIGINT, previous)
     assert 1 <= len(received) < LONG.max_tokens
-    llm.engine.runner.fault_hook = None
+    faults.hook = None
     _assert_idle_and_serving(llm)
 
 
@@ -229,10 +241,10 @@ def test_llm_save_round_trip(llm, tmp_path):
 
 
 def test_saved_engine_with_edited_manifest_or_truncated_weights_is_refused(llm, tmp_path):
-    from optimum_nvidia_core.build import EngineDirError, save_engine
+    from optimum_nvidia_core.build import EngineDirError
     from optimum_nvidia_core.build import engine_dir as engine_dir_module
 
-    saved = save_engine(llm.engine.runner.model, llm.engine.loaded.model_dir, tmp_path / "engine")
+    saved = llm.save(tmp_path / "engine")
     edited = tmp_path / "edited"
     shutil.copytree(saved, edited)
     manifest = json.loads((edited / "manifest.json").read_text())

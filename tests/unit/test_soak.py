@@ -173,3 +173,35 @@ def test_soak_1000_streams_nothing_lost_no_leaks(llm):
     assert growth < 256 << 10, f"the last round left {growth} more bytes held; biggest: {diff[:5]}"
     rss_growth = _rss_bytes() - rss_before
     assert rss_growth < 64 << 20, f"RSS grew by {rss_growth >> 20} MiB over two more rounds"
+
+
+TEXT_STREAMS = 300
+TEXT_WORDS = ["Paris", "capital", "weather", "numbers", "cities", "code", "answer", "the", "of", "is", "model"]
+
+
+def _read_text_job(llm: LLM, rng: random.Random, index: int) -> str | None:
+    """One text prompt or chat turn, read to the end or left by a ``break`` without closing (every tenth)."""
+    words = " ".join(rng.choice(TEXT_WORDS) for _ in range(rng.randint(1, 30)))
+    params = SamplingParams(max_tokens=rng.randint(1, 30), temperature=rng.choice([0.0, 0.8]), stop=["zz"])
+    if index % 2:
+        deltas = llm.chat_stream([{"role": "user", "content": words}], params)
+    else:
+        deltas = llm.stream(words, params)
+    finish = None
+    for count, delta in enumerate(deltas):
+        if index % 10 == 0 and count == 1:
+            break  # abandoned: no close(), the stream is just dropped
+        finish = delta.finish_reason or finish
+    return finish
+
+
+def test_soak_text_and_chat_from_many_threads_with_abandoned_streams(llm):
+    rngs = [random.Random(1000 + i) for i in range(TEXT_STREAMS)]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        finishes = list(pool.map(lambda i: _read_text_job(llm, rngs[i], i), range(TEXT_STREAMS)))
+    gc.collect()
+    read_to_the_end = [f for i, f in enumerate(finishes) if i % 10]
+    assert all(f in ("stop", "length") for f in read_to_the_end), "a stream read to the end lost its finish"
+    stats = wait_idle(llm, timeout=20.0)
+    assert stats["running_requests"] == 0
+    assert stats["free_blocks"] == stats["total_blocks"], "KV blocks leaked"

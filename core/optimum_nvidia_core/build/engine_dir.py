@@ -25,8 +25,9 @@ from typing import Any, Callable
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 _HASH_CHUNK = 16 << 20
-# Engine dirs verified by this process, keyed by path -> manifest (mtime_ns, size): skips hashing twice in a row.
-_verified: dict[str, tuple[int, int]] = {}
+# Engine dirs verified by this process: path -> the stat stamp of the manifest and of every file it lists, taken
+# before hashing. Loading again skips the hashing only while every stamp is unchanged (a rewrite changes ctime).
+_verified: dict[str, tuple] = {}
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +104,13 @@ def finalize_engine_dir(out_dir: Path, manifest: dict) -> dict:
 
 
 def read_manifest(engine_dir: Path) -> dict:
-    """The manifest of an engine dir, checked against its own checksum (no file hashing)."""
+    """The manifest of an engine dir, checked against its own checksum and for its shape (no file hashing)."""
     path = Path(engine_dir) / MANIFEST_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise EngineDirError(f"{engine_dir} has no {MANIFEST_NAME}: not an engine directory, or a partial one")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a broken or looping link lands here too
         raise EngineDirError(f"{path} is unreadable ({exc}); delete the directory and build again") from exc
     if not isinstance(manifest, dict) or manifest.get("checksum") != _manifest_checksum(manifest):
         raise EngineDirError(f"{path} was modified after it was written (checksum mismatch); rebuild the engine")
@@ -117,30 +118,63 @@ def read_manifest(engine_dir: Path) -> dict:
         raise EngineDirError(
             f"{engine_dir} has engine format {manifest.get('format_version')}, this version reads "
             f"{FORMAT_VERSION}; rebuild the engine")
+    _check_manifest_shape(manifest, path)
     return manifest
 
 
-def _manifest_stamp(engine_dir: Path) -> tuple[int, int]:
-    stat = (Path(engine_dir) / MANIFEST_NAME).stat()
-    return stat.st_mtime_ns, stat.st_size
+def _check_manifest_shape(manifest: dict, path: Path) -> None:
+    """Every field the loader reads, of the type it reads it as: a bad one is an EngineDirError, not a KeyError."""
+    problem = None
+    files, identity = manifest.get("files"), manifest.get("identity")
+    if not isinstance(files, dict) or not files:
+        problem = "lists no files"
+    elif not isinstance(identity, dict) or not isinstance(identity.get("recipe"), dict):
+        problem = "has no identity recipe"
+    for name, entry in files.items() if problem is None else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
+                or isinstance(entry.get("size"), bool) or not isinstance(entry.get("size"), int):
+            problem = f"has an entry for {name!r} without a sha256 and a size in bytes"
+            break
+    if problem:
+        raise EngineDirError(f"{path} {problem}: it was not written by this package, or was damaged; rebuild the "
+                             "engine")
 
 
-def _remember_verified(engine_dir: Path) -> None:
-    _verified[str(Path(engine_dir).resolve())] = _manifest_stamp(engine_dir)
+def _stamp(engine_dir: Path, names) -> tuple | None:
+    """(name, device, inode, size, mtime_ns, ctime_ns) of the manifest and of ``names``; None if one is missing."""
+    try:
+        stats = [(name, os.stat(engine_dir / name)) for name in (MANIFEST_NAME, *sorted(names))]
+    except OSError:
+        return None
+    return tuple((name, s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for name, s in stats)
+
+
+def _remember_verified(engine_dir: Path, stamp: tuple | None = None) -> None:
+    """Remember ``engine_dir`` as verified. ``stamp``: taken before hashing, kept only if the files still have it
+    after; None: its files were just written and hashed by this process (finalize, publish), stamp them now."""
+    engine_dir = Path(engine_dir)
+    if stamp is None:
+        names = json.loads((engine_dir / MANIFEST_NAME).read_text())["files"]
+    else:
+        names = [name for name, *_ in stamp[1:]]
+    now = _stamp(engine_dir, names)
+    if now is not None and (stamp is None or now == stamp):
+        _verified[str(engine_dir.resolve())] = now
 
 
 def verify_engine_dir(engine_dir: Path, expected_key: str | None = None) -> dict:
     """Check the manifest and the sha256 of every file it lists; raise EngineDirError on any mismatch.
 
-    ``expected_key``: also require the manifest's identity to hash to this cache key."""
+    ``expected_key``: also require the manifest's identity to hash to this cache key. A directory verified before
+    in this process is hashed again unless no file it lists (nor the manifest) has changed since (see _stamp)."""
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
-    if expected_key is not None and cache_key(manifest.get("identity", {})) != expected_key:
+    if expected_key is not None and cache_key(manifest["identity"]) != expected_key:
         raise EngineDirError(f"{engine_dir}: manifest identity does not match cache key {expected_key}")
-    resolved = str(engine_dir.resolve())
-    if _verified.get(resolved) == _manifest_stamp(engine_dir):
+    stamp = _stamp(engine_dir, manifest["files"])
+    if stamp is not None and _verified.get(str(engine_dir.resolve())) == stamp:
         return manifest
-    for name, entry in manifest.get("files", {}).items():
+    for name, entry in manifest["files"].items():
         path = engine_dir / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise EngineDirError(f"{engine_dir}: the manifest lists {name!r}, a file outside the engine directory; "
@@ -153,7 +187,7 @@ def verify_engine_dir(engine_dir: Path, expected_key: str | None = None) -> dict
                 "(truncated or replaced); rebuild the engine")
         if file_sha256(path) != entry["sha256"]:
             raise EngineDirError(f"{engine_dir}: {name} is corrupted (sha256 mismatch); rebuild the engine")
-    _remember_verified(engine_dir)
+    _remember_verified(engine_dir, stamp)
     return manifest
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -43,6 +44,8 @@ class EngineCore:
         self.vocab_size = loaded.vocab_size
         self.runner = ModelRunner(loaded.model, config, self.device, self.dtype, self.max_seq_len, self.eos_token_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        # One sequence can never hold more than the whole cache (a small num_kv_blocks): that is its context.
+        self.max_seq_len = min(self.max_seq_len, self.runner.num_blocks * config.block_size)
         self.scheduler = Scheduler(config.max_batch_size, config.max_num_tokens, self.block_manager,
                                    max_seq_len=self.max_seq_len)
         self.requests: dict[str, Request] = {}
@@ -228,6 +231,7 @@ class EngineCore:
         stats["free_blocks"] = self.block_manager.num_free_blocks
         stats["total_blocks"] = self.runner.num_blocks
         stats["running_requests"] = len(self.requests)
+        stats["pid"] = os.getpid()  # the process the core runs in
         return stats
 
     def perplexity(self, token_ids: list[int]) -> float:

@@ -64,11 +64,29 @@ class Sender:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        while (message := self._queue.get()) is not None:
+        while (batch := self._next_batch()) is not None:
+            for message in batch:
+                try:
+                    self._conn.send(picklable_message(message))
+                except (EOFError, OSError):
+                    return
+
+    def _next_batch(self) -> list[tuple] | None:
+        """Every message waiting, consecutive step outputs merged into one: when the reader falls behind (its
+        process is busy), it catches up with one read for many steps instead of one read per step."""
+        message = self._queue.get()
+        batch: list[tuple] = []
+        while message is not None:
+            if batch and message[0] == "outputs" and batch[-1][0] == "outputs":
+                batch[-1] = ("outputs", batch[-1][1] + message[1])
+            else:
+                batch.append(message)
             try:
-                self._conn.send(picklable_message(message))
-            except (EOFError, OSError):
-                return
+                message = self._queue.get_nowait()
+            except queue.Empty:
+                return batch
+        self._queue.put(None)  # the stop marker: send what came before it, then end
+        return batch or None
 
 
 def picklable(exc: BaseException) -> BaseException:

@@ -60,4 +60,5 @@ def check_token_ids(prompt_token_ids: list[int], params: "SamplingParams", vocab
         raise ValueError(f"prompt token ids must be ints in [0, {vocab_size}); got {bad[:5]}")
     bad = [t for t in params.stop_token_ids if not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"stop_token_ids must be token ids of this model, in [0, {vocab_size}); got {bad[:5]}")
+        raise ValueError(f"stop_token_ids must be token ids of this model, in [0, {vocab_size}); got {bad[:5]}; "
+                         "take them from the model's tokenizer (e.g. tokenizer.convert_tokens_to_ids)")

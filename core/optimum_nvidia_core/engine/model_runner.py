@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from ..config import EngineConfig
-from ..attention_metadata import AttentionMetadata
 from ..layers.sampler import Sampler, SamplingBatch
 from .input_batch import InputBatch, StepInputs
 from .scheduler import ScheduledBatch
@@ -53,7 +52,6 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
         self._allocate_kv_cache()
         self.sampler = Sampler()
-        self.fault_hook = None  # tests: fn(logits [R, V], seqs [R]) -> None, may poison rows
         if device.type == "cuda" and hasattr(model, "fuse_fp8_input_quantization"):
             model.fuse_fp8_input_quantization()
         self.graphs = self._maybe_graphs()
@@ -127,9 +125,7 @@ class ModelRunner:
         if not rows:
             return LaunchedStep(len(batch.seqs), rows)
         sample_seqs = batch.seqs if len(rows) == len(batch.seqs) else [batch.seqs[i] for i in rows]
-        logits = self.model.compute_logits(self._last_hidden(hidden, inputs))  # [R, V] float32
-        if self.fault_hook is not None:
-            self.fault_hook(logits, sample_seqs)
+        logits = self.compute_logits(hidden, inputs, rows, sample_seqs)
         mask = self._allowed_mask(rows, allowed, logits)
         sampling = self.input_batch.sampling.batch(inputs.sample_rows, inputs.sample_positions, sample_seqs,
                                                    logits.device, allowed_mask=mask)
@@ -172,6 +168,11 @@ class ModelRunner:
         """Free the persistent-batch rows of sequences that left (for a schedule that launched nothing)."""
         for seq in seqs:
             self.input_batch.release(seq)
+
+    def compute_logits(self, hidden: torch.Tensor, inputs: StepInputs, rows: list[int], seqs: list) -> torch.Tensor:
+        """Logits [R, V] (float32) of the sampled rows' last positions (rows: batch indices of the sequences
+        `seqs` that sample). (Tests override it to inject faults.)"""
+        return self.model.compute_logits(self._last_hidden(hidden, inputs))
 
     def _last_hidden(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
         """hidden [T, H] -> [R, H]: the last query token of each sampled sequence."""

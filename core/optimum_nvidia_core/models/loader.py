@@ -11,13 +11,14 @@ any config (tests, benchmarks of real model shapes), also without transformers m
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..hub import SUPPORTED_ARCHITECTURES, ModelResolutionError, check_model_dir, weight_files
+from ..hub import SUPPORTED_ARCHITECTURES, ModelResolutionError, check_model_dir, read_config_dict, weight_files
 from .llama import LlamaForCausalLM
 
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer that old checkpoints saved; we recompute it
@@ -28,7 +29,33 @@ def load_config(model_dir: Path, allow_pickle: bool = False):
     from transformers import AutoConfig
 
     check_model_dir(Path(model_dir), allow_pickle)
+    check_config_sizes(read_config_dict(Path(model_dir)), Path(model_dir) / "config.json")
     return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+
+
+_POSITIVE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "max_position_embeddings")
+
+
+def check_config_sizes(config: dict, where: Path) -> None:
+    """A ModelResolutionError naming the field of config.json whose size cannot build a model, before transformers
+    or torch fail on it with a raw error (a ZeroDivisionError, a negative tensor dimension)."""
+    def size(name: str) -> int | None:  # None: not given, transformers' default applies
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ModelResolutionError(f"{where}: {name} must be a positive integer, got {value!r}. Fix it (it must "
+                                       "match the checkpoint's weights), or use the original checkpoint's config.json")
+        return value
+
+    sizes = {name: size(name) for name in _POSITIVE_SIZES}
+    heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
+    kv_heads = size("num_key_value_heads") or heads
+    if heads and kv_heads and heads % kv_heads:
+        raise ModelResolutionError(f"{where}: num_attention_heads ({heads}) must be a multiple of "
+                                   f"num_key_value_heads ({kv_heads}); fix config.json")
+    if size("head_dim") is None and heads and hidden and hidden % heads:
+        raise ModelResolutionError(f"{where}: hidden_size ({hidden}) must be a multiple of "
+                                   f"num_attention_heads ({heads}) when head_dim is not given; fix config.json")
 
 
 def build_model(config, dtype: torch.dtype, device: torch.device | str) -> LlamaForCausalLM:
@@ -48,8 +75,37 @@ def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device | str,
     """Build our model for `model_dir` and stream its weights onto `device` as `dtype`."""
     config = load_config(model_dir, allow_pickle)
     model = build_model(config, dtype, device)
-    load_weights(model, checkpoint_tensors(Path(model_dir), allow_pickle), total=_count_tensors(Path(model_dir)))
+    try:
+        load_weights(model, checkpoint_tensors(Path(model_dir), allow_pickle), total=_count_tensors(Path(model_dir)))
+    except ModelResolutionError:
+        raise  # already says what is wrong with which file
+    except ValueError as exc:
+        if _has_fused_weights(Path(model_dir), allow_pickle):
+            raise ModelResolutionError(_engine_without_manifest(Path(model_dir))) from exc
+        raise
     return model
+
+
+def _has_fused_weights(model_dir: Path, allow_pickle: bool) -> bool:
+    """Whether the weights use our fused layout (qkv_proj, gate_up_proj): an engine directory's, never a Hugging
+    Face LLaMA-family checkpoint's. Reads only safetensors headers."""
+    from safetensors import safe_open
+
+    fused = {f".{name}." for name, _ in LlamaForCausalLM.packed_modules.values()}
+    for file in _weight_files_in_order(model_dir, allow_pickle):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                if any(part in key for key in reader.keys() for part in fused):
+                    return True
+    return False
+
+
+def _engine_without_manifest(model_dir: Path) -> str:
+    manifest = model_dir / "manifest.json"
+    state = "unreadable (a broken or looping link, or not a file)" if os.path.lexists(manifest) else "missing"
+    return (f"{model_dir} is an engine directory (its weights are in the engine's fused layout) whose manifest.json "
+            f"is {state}, so it cannot be verified and is not loaded. Save or build the engine again "
+            "(LLM(model).save(dir), or `optimum-nvidia build MODEL --output DIR`), or load the original checkpoint")
 
 
 @torch.no_grad()
