@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..config import EngineConfig
-from ..layers.sampler import Sampler, SamplingBatch
+from ..layers.sampler import Sampler
 from .input_batch import InputBatch, StepInputs
 from .scheduler import ScheduledBatch
 
