@@ -108,6 +108,8 @@ def test_auto_limits_follow_gpu_memory_and_explicit_values_win():
     assert (h200.max_batch_size, h200.max_num_tokens) == (1024, 8192)
     h100 = config.with_limits(80 << 30)
     assert (h100.max_batch_size, h100.max_num_tokens) == (512, 8192)
+    assert config.with_limits(48 << 30).max_batch_size == 256 and config.with_limits(48 << 30).max_num_tokens == 4096
+    assert config.with_limits(24 << 30).max_batch_size == 64 and config.with_limits(24 << 30).max_num_tokens == 2048
     cpu = config.with_limits(None)
     assert (cpu.max_batch_size, cpu.max_num_tokens) == (64, 2048)
     mine = EngineConfig(model="m", max_batch_size=300).with_limits(None)
