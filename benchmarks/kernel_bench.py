@@ -125,13 +125,8 @@ def attention_rows() -> list[dict]:
                 num_blocks = batch * blocks_per_seq
                 k_cache = torch.randn(num_blocks, block_size, kv_heads, 128, device="cuda").to(kv_dtype)
                 v_cache = torch.randn_like(k_cache, dtype=torch.float32).to(kv_dtype)
-                tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
-                meta = AttentionMetadata(
-                    slot_mapping=torch.zeros(batch, dtype=torch.int64, device="cuda"),
-                    query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device="cuda"),
-                    context_lens=torch.full((batch,), ctx, dtype=torch.int32, device="cuda"),
-                    block_tables=tables, max_query_len=1, max_context_len=ctx,
-                    query_lens_host=[1] * batch, context_lens_host=[ctx] * batch)
+                tables = torch.randperm(num_blocks, dtype=torch.int32).view(batch, blocks_per_seq).numpy()
+                _, meta = AttentionMetadata.build(tables, [1] * batch, [ctx] * batch, block_size, "cuda")
                 q = torch.randn(batch, heads, 128, device="cuda", dtype=torch.bfloat16)
                 one = torch.ones(1, device="cuda")
                 ms = graph_ms(lambda _: paged_attention(q, k_cache, v_cache, one, one, meta, 0.088), [None] * 10)

@@ -85,31 +85,20 @@ class PagedRunner:
         """chunks [(seq_id, token ids)] -> logits [T, vocab] float32 for every token of the flat batch."""
         from optimum_nvidia_core.attention_metadata import AttentionMetadata
 
-        input_ids, positions, slots, query_lens, context_lens, tables = [], [], [], [], [], []
+        input_ids, query_lens, context_lens, tables = [], [], [], []
         for seq_id, tokens in chunks:
             start = self.lengths.get(seq_id, 0)
             table = self.block_tables.setdefault(seq_id, [])
             while len(table) * self.block_size < start + len(tokens):
                 table.append(self.free_blocks.pop())
-            for pos in range(start, start + len(tokens)):
-                slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
             input_ids += tokens
-            positions += range(start, start + len(tokens))
             query_lens.append(len(tokens))
             context_lens.append(start + len(tokens))
             tables.append(table)
             self.lengths[seq_id] = start + len(tokens)
-        width = max(len(t) for t in tables)
-        as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)  # noqa: E731
-        attn = AttentionMetadata(
-            slot_mapping=as_tensor(slots, torch.int64),
-            query_start_loc=as_tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), torch.int32),
-            context_lens=as_tensor(context_lens, torch.int32),
-            block_tables=as_tensor([t + [0] * (width - len(t)) for t in tables], torch.int32),
-            max_query_len=max(query_lens), max_context_len=max(context_lens),
-            query_lens_host=query_lens, context_lens_host=context_lens,
-        )
-        hidden = self.model(as_tensor(input_ids, torch.int64), as_tensor(positions, torch.int64), attn)
+        positions, attn = AttentionMetadata.build(tables, query_lens, context_lens, self.block_size, self.device)
+        input_ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, positions, attn)
         return self.model.compute_logits(hidden)
 
     @torch.no_grad()

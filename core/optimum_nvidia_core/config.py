@@ -1,9 +1,13 @@
 """Engine options: what to load, how to quantize, and the runtime's shapes. Validated on construction."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+# "auto" step limits by GPU memory (bytes at least, max_batch_size, max_num_tokens); the last row is the CPU's.
+AUTO_LIMITS = ((100 << 30, 1024, 8192), (70 << 30, 512, 8192), (40 << 30, 256, 4096), (0, 64, 2048))
 
 
 class EngineConfig(BaseModel):
@@ -32,9 +36,13 @@ class EngineConfig(BaseModel):
         "auto", description="Compute dtype; 'auto' is bfloat16 on a GPU and float32 on the CPU."
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
-    max_batch_size: int = Field(64, ge=1, le=1024, description="Most sequences in one step.")
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field(
+        "auto", description="Most sequences in one step; 'auto': from the GPU's memory (1,024 with 100 GiB or more, "
+        "512 with 70, 256 with 40, else 64; 64 on the CPU).")
     max_seq_len: int | None = Field(None, ge=16, description="Prompt + output tokens; default: the model's limit.")
-    max_num_tokens: int = Field(2048, ge=16, description="Token budget per step (prefill chunk size).")
+    max_num_tokens: Annotated[int, Field(ge=16)] | Literal["auto"] = Field(
+        "auto", description="Token budget per step (prefill chunk size); 'auto': 8,192 on a GPU with 70 GiB or more, "
+        "4,096 with 40, else 2,048 (and never below max_batch_size).")
     block_size: int = Field(16, ge=1, le=256, description="Tokens per paged KV-cache block.")
     num_kv_blocks: int | None = Field(None, ge=1, description="KV-cache blocks; default: from memory.")
     gpu_memory_utilization: float = Field(0.90, gt=0.0, le=0.98)
@@ -67,7 +75,17 @@ class EngineConfig(BaseModel):
     @model_validator(mode="after")
     def _check_budget(self) -> "EngineConfig":
         # Every running sequence needs one token of the step budget to decode.
-        if self.max_num_tokens < self.max_batch_size:
+        if "auto" not in (self.max_num_tokens, self.max_batch_size) and self.max_num_tokens < self.max_batch_size:
             raise ValueError(f"max_num_tokens ({self.max_num_tokens}) must be >= max_batch_size "
                              f"({self.max_batch_size}); raise max_num_tokens or lower max_batch_size")
         return self
+
+    def with_limits(self, gpu_memory: int | None) -> "EngineConfig":
+        """This config with 'auto' max_batch_size / max_num_tokens resolved for a GPU of gpu_memory bytes (None:
+        the CPU), from AUTO_LIMITS."""
+        memory = gpu_memory if gpu_memory is not None else -1
+        auto_seqs, auto_tokens = next((seqs, tokens) for least, seqs, tokens in AUTO_LIMITS if memory >= least) \
+            if memory >= 0 else AUTO_LIMITS[-1][1:]
+        seqs = auto_seqs if self.max_batch_size == "auto" else self.max_batch_size
+        tokens = max(auto_tokens, seqs) if self.max_num_tokens == "auto" else self.max_num_tokens
+        return self.model_copy(update={"max_batch_size": seqs, "max_num_tokens": tokens})

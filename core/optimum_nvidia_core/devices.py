@@ -1,12 +1,11 @@
-"""The engine options' device and dtype, with 'auto' resolved: one rule for the engine and the FP8 builder, which
-must agree (an engine is built for the device and dtype it will run in)."""
+"""Device and dtype choices, in one neutral module (engine, build and tools import it; it imports only torch)."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' is the GPU when CUDA is available, else the CPU; asking for CUDA without it is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -16,7 +15,21 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on a GPU and float32 on the CPU (where bf16 matmuls are slow and less exact)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and compute dtype: those of the first floating-point parameter or buffer that is not FP8."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point() and tensor.element_size() > 1:
+            return tensor.device, tensor.dtype
+    raise ValueError("the model has no floating-point parameters; cannot tell its compute dtype")
+
+
+def gpu_memory(device: torch.device) -> int | None:
+    """Total memory of a CUDA device in bytes; None for the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory

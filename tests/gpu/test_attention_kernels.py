@@ -18,25 +18,11 @@ def make_batch(query_lens, context_lens, num_kv_heads, head_dim, block_size, dev
     blocks_per_seq = [math.ceil(c / block_size) for c in context_lens]
     num_blocks = sum(blocks_per_seq) + 3  # spare blocks that nobody owns
     perm = torch.randperm(num_blocks).tolist()
-    width = max(blocks_per_seq)
-    tables, slots, cursor = [], [], 0
-    for q_len, ctx, n in zip(query_lens, context_lens, blocks_per_seq):
-        own = perm[cursor:cursor + n]
+    tables, cursor = [], 0
+    for n in blocks_per_seq:
+        tables.append(perm[cursor:cursor + n])
         cursor += n
-        tables.append(own + [0] * (width - n))
-        slots += [own[p // block_size] * block_size + p % block_size for p in range(ctx - q_len, ctx)]
-    qsl = [0]
-    for q_len in query_lens:
-        qsl.append(qsl[-1] + q_len)
-    as_int32 = dict(dtype=torch.int32, device=device)
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(qsl, **as_int32),
-        context_lens=torch.tensor(context_lens, **as_int32),
-        block_tables=torch.tensor(tables, **as_int32),
-        max_query_len=max(query_lens), max_context_len=max(context_lens),
-        query_lens_host=list(query_lens), context_lens_host=list(context_lens),
-    )
+    _, meta = AttentionMetadata.build(tables, list(query_lens), list(context_lens), block_size, device)
     return meta, num_blocks
 
 

@@ -101,7 +101,72 @@ def test_prefill_graph_matches_eager(cuda, tiny_checkpoint, paged_runner, family
             for graph_cache, eager_cache in zip(caches(model), eager_caches):
                 assert rel_err(graph_cache.float(), eager_cache.float()) < 1e-2
     two_sequences = runner.step([(0, [7, 8]), (1, [9, 10])]) is not None and recorder.last[2]
-    assert not graphs.can_replay(two_sequences)  # several sequences with a prefill among them run eagerly
+    assert not graphs.can_replay(two_sequences)  # without mixed graphs, several sequences with a prefill run eagerly
+
+
+def _replay_matches_eager(model, runner, recorder, graphs, chunks, label):
+    """One step of `chunks` eagerly, then the same inputs replayed from a graph on the KV cache as it was before:
+    logits and every cache write must agree."""
+    before = [t.clone() for t in caches(model)]
+    eager_logits = runner.step(chunks)
+    eager_caches = [t.clone() for t in caches(model)]
+    for live, saved in zip(caches(model), before):
+        live.copy_(saved)
+    assert graphs.can_replay(recorder.last[2]), label
+    hidden = graphs.run(*recorder.last)
+    assert hidden.shape[0] == sum(len(c) for _, c in chunks)
+    graph_logits = model.compute_logits(hidden)
+    assert rel_err(graph_logits, eager_logits) < 1e-2, label
+    for graph_cache, eager_cache in zip(caches(model), eager_caches):
+        assert rel_err(graph_cache.float(), eager_cache.float()) < 1e-2, label
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral"])
+def test_mixed_graph_matches_eager(cuda, tiny_checkpoint, paged_runner, family):
+    """Mixed steps (several sequences' prefill chunks together with decodes) replayed from token-bucket graphs
+    captured for max_batch_size sequences: padded tokens and padded (empty) sequences change nothing."""
+    from optimum_nvidia_core.engine.cuda_graph_runner import CudaGraphRunner
+    from optimum_nvidia_core.models.loader import load_model
+
+    path, _ = tiny_checkpoint(family)
+    model = load_model(path, torch.bfloat16, cuda)
+    runner = paged_runner(model, num_blocks=256, block_size=4)
+    graphs = CudaGraphRunner(model, max_batch_size=8, max_blocks_per_seq=48, device=cuda, max_prefill_tokens=100,
+                             max_mixed_tokens=100)
+    graphs.capture()
+    assert graphs.mixed_buckets == [16, 32, 48, 64, 96, 100] and set(graphs.mixed_graphs) == set(graphs.mixed_buckets)
+    runner.model = recorder = Recorder(model)
+    rng = random.Random(torch.initial_seed())
+    tokens = lambda n: [rng.randrange(3, 500) for _ in range(n)]  # noqa: E731
+    runner.step([(i, tokens(rng.randrange(2, 30))) for i in range(6)])  # contexts to decode on, eager
+    steps = [
+        [(0, tokens(1)), (1, tokens(1)), (6, tokens(37))],  # two decodes and a new prompt
+        [(2, tokens(1)), (6, tokens(1)), (7, tokens(9)), (3, tokens(20))],  # a chunk on top of cached context
+        [(i, tokens(1)) for i in range(6)] + [(8, tokens(60)), (9, tokens(2))],  # 8 sequences, 66 tokens
+    ]
+    for k, chunks in enumerate(steps):
+        _replay_matches_eager(model, runner, recorder, graphs, chunks, f"step {k}")
+    runner.step([(10, tokens(90)), (11, tokens(20))])  # 110 tokens: past the largest bucket, runs eagerly
+    assert not graphs.can_replay(recorder.last[2])
+
+
+def test_decode_graphs_past_256_sequences_match_eager(cuda, tiny_checkpoint, paged_runner):
+    """The coarser batch buckets above 256 sequences (every 32, then 64) replay what eager computes."""
+    from optimum_nvidia_core.engine.cuda_graph_runner import CudaGraphRunner, batch_buckets
+    from optimum_nvidia_core.models.loader import load_model
+
+    assert batch_buckets(600)[-8:] == [352, 384, 416, 448, 480, 512, 576, 600]
+    path, _ = tiny_checkpoint("llama3")
+    model = load_model(path, torch.bfloat16, cuda)
+    runner = paged_runner(model, num_blocks=4096, block_size=4)
+    graphs = CudaGraphRunner(model, max_batch_size=600, max_blocks_per_seq=8, device=cuda)
+    graphs.capture()
+    rng = random.Random(torch.initial_seed())
+    runner.step([(i, [rng.randrange(3, 500) for _ in range(rng.randrange(1, 12))]) for i in range(600)])
+    runner.model = recorder = Recorder(model)
+    for batch in (300, 513, 600):  # padded to 320, 576 and exactly 600
+        chunks = [(i, [rng.randrange(3, 500)]) for i in rng.sample(range(600), batch)]
+        _replay_matches_eager(model, runner, recorder, graphs, chunks, f"batch {batch}")
 
 
 def test_gpu_bf16_greedy_matches_cpu_reference(cuda, tiny_checkpoint, paged_runner):

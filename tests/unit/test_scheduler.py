@@ -203,3 +203,26 @@ def test_counters():
     stats = scheduler.stats
     assert stats.steps == 6 and stats.preemptions == 0 and stats.prefix_cache_hit_tokens == 0
     assert stats.tokens_computed == 8 + 2 * 5 and stats.prompt_tokens_computed == 8
+
+
+def test_placeholders_count_as_tokens_and_lengths_are_known_ahead():
+    """Asynchronous scheduling: a launched step's tokens are placeholders until they land; a sequence that needs
+    its newest token on the host (a penalty) waits for it, and one whose in-flight tokens reach max_tokens is not
+    scheduled again."""
+    scheduler = make_scheduler()
+    seq = Sequence("r", [1, 2, 3], SamplingParams(max_tokens=2, ignore_eos=True))
+    penalized = Sequence("p", [4, 5], SamplingParams(max_tokens=5, repetition_penalty=1.2))
+    scheduler.add(seq)
+    scheduler.add(penalized)
+    first = scheduler.schedule()
+    scheduler.advance(first)
+    assert seq.num_tokens == 4 and seq.token_ids == [1, 2, 3] and seq.num_uncomputed_tokens == 1
+    second = scheduler.schedule()
+    assert second.seqs == [seq] and not second.needs_host_tokens  # the penalized one waits for its token
+    scheduler.advance(second)
+    assert scheduler.schedule().seqs == []  # two tokens in flight reach max_tokens: no third step
+    scheduler.resolve(first, [7, 8])
+    assert scheduler.schedule().seqs == [penalized]  # its token landed: it runs again
+    scheduler.resolve(second, [9])
+    assert seq.token_ids == [1, 2, 3, 7, 9] and seq.check_token_stop(frozenset()) == "length"
+    assert penalized.token_ids == [4, 5, 8]

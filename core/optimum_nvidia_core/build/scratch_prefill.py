@@ -15,16 +15,9 @@ import torch
 from torch import nn
 
 from optimum_nvidia_core.attention_metadata import AttentionMetadata
+from optimum_nvidia_core.devices import model_device_dtype
 
 BLOCK_SIZE = 16
-
-
-def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and compute dtype: those of the first floating-point parameter or buffer that is not FP8."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point() and tensor.element_size() > 1:
-            return tensor.device, tensor.dtype
-    raise ValueError("the model has no floating-point parameters; cannot tell its compute dtype")
 
 
 @contextmanager
@@ -54,25 +47,10 @@ def build_metadata(
 
     Sequence i owns blocks first_blocks[i] .. first_blocks[i] + max_blocks - 1. Returns positions [T] and metadata.
     """
-    positions, slots, block_rows = [], [], []
-    for (start, end), first in zip(spans, first_blocks):
-        positions.extend(range(start, end))
-        slots.extend(first * BLOCK_SIZE + p for p in range(start, end))  # blocks are contiguous per sequence
-        block_rows.append(list(range(first, first + max_blocks)))
+    block_rows = [list(range(first, first + max_blocks)) for first in first_blocks]  # contiguous per sequence
     query_lens = [end - start for start, end in spans]
     context_lens = [end for _, end in spans]
-    query_start_loc = [0]
-    for length in query_lens:
-        query_start_loc.append(query_start_loc[-1] + length)
-    metadata = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(block_rows, dtype=torch.int32, device=device),
-        max_query_len=max(query_lens), max_context_len=max(context_lens),
-        query_lens_host=query_lens, context_lens_host=context_lens,
-    )
-    return torch.tensor(positions, dtype=torch.int64, device=device), metadata
+    return AttentionMetadata.build(block_rows, query_lens, context_lens, BLOCK_SIZE, device)
 
 
 @torch.no_grad()

@@ -51,10 +51,6 @@ class BlockManager:
         """Blocks no sequence holds (cached ones included: they are evicted on demand)."""
         return len(self._free_uncached) + len(self._free_cached)
 
-    @property
-    def num_used_blocks(self) -> int:
-        return self.num_blocks - self.num_free_blocks
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -66,22 +62,23 @@ class BlockManager:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hits = []
-        for block_hash in self._block_hashes(seq, max_blocks):
+        self._hash_blocks(seq, max_blocks)
+        for block_hash in seq.block_hashes[:max_blocks]:
             block_id = self._cached.get(block_hash)
             if block_id is None:
                 break
             hits.append(block_id)
         return hits
 
-    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
-        """Chain hashes of seq's first num_blocks full blocks, memoized on the sequence (its tokens never change)."""
+    def _hash_blocks(self, seq: Sequence, num_blocks: int) -> None:
+        """Extend seq.block_hashes to chain hashes of its first num_blocks full blocks (of known tokens; memoized
+        on the sequence, since its tokens never change)."""
         hashes = seq.block_hashes
         while len(hashes) < num_blocks:
             i = len(hashes)
             tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
             parent = hashes[-1] if hashes else b""
             hashes.append(hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest())
-        return hashes[:num_blocks]
 
     # -- allocation ---------------------------------------------------------------------------------------------
     def can_allocate(self, cached_prefix: list[int], num_tokens: int) -> bool:
@@ -99,6 +96,7 @@ class BlockManager:
         for block_id in cached_prefix:
             self._take(block_id)
         seq.block_table = list(cached_prefix)
+        seq.num_registered_blocks = len(cached_prefix)
         seq.num_computed_tokens = len(cached_prefix) * self.block_size
         self.append(seq, num_tokens - seq.num_computed_tokens)
 
@@ -110,15 +108,31 @@ class BlockManager:
         """Grow seq's block table to hold num_new_tokens more tokens, which this step computes, and register the
         blocks those tokens fill in the prefix cache. (Registering before the step runs is safe: every layer writes
         the whole step's K/V before any sequence attends, so a sequence that hits such a block in the same step
-        reads it filled.) Call can_append first."""
+        reads it filled.) A block whose last token is still in flight (a placeholder) is registered by a later
+        append, once its ids are known. Call can_append first."""
         end = seq.num_computed_tokens + num_new_tokens
-        while len(seq.block_table) < self.blocks_for(end):
-            seq.block_table.append(self._pop_free())
+        table = seq.block_table
+        while len(table) * self.block_size < end:
+            table.append(self._pop_free())
         if self.enable_prefix_caching:
-            first_new_full = seq.num_computed_tokens // self.block_size
-            hashes = self._block_hashes(seq, end // self.block_size)
-            for i in range(first_new_full, len(hashes)):
-                self._register(seq.block_table[i], hashes[i])
+            full = min(end, len(seq.token_ids)) // self.block_size
+            if full > seq.num_registered_blocks:  # once per block_size tokens: the decode fast path skips this
+                self._hash_blocks(seq, full)
+                for i in range(seq.num_registered_blocks, full):
+                    self._register(table[i], seq.block_hashes[i])
+                seq.num_registered_blocks = full
+
+    def try_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """can_append, then append: False (and nothing changed) when the free blocks are too few."""
+        end = seq.num_computed_tokens + num_new_tokens
+        missing = -(-end // self.block_size) - len(seq.block_table)
+        if missing <= 0 and (not self.enable_prefix_caching
+                             or min(end, len(seq.token_ids)) // self.block_size <= seq.num_registered_blocks):
+            return True  # the common decode step: room in its last block, no block filled
+        if missing > 0 and missing > len(self._free_uncached) + len(self._free_cached):
+            return False
+        self.append(seq, num_new_tokens)
+        return True
 
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks. Tail blocks are freed first so they are evicted before the shared head."""
@@ -132,6 +146,7 @@ class BlockManager:
                 else:
                     self._free_cached[block_id] = None
         seq.block_table = []
+        seq.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (e.g. after a failed step left registered blocks unwritten)."""

@@ -2,9 +2,12 @@
 finish reasons out. No tokenizer and no text: the output processor above turns ids into text and stop strings
 into aborts. Runs on one thread (its own process's, see ``core_proc``, or an engine thread).
 
-A step is pipelined with the device: ``step()`` collects the step in flight (the one host sync), decides which
-sequences finish (end of sequence, stop token ids, lengths, grammars), launches the next step, and only then
-builds the outputs of the collected one. A request's first token goes out before the launch.
+Asynchronous scheduling: ``step()`` schedules and launches step N+1 BEFORE it waits for step N's tokens, so the
+device always has the next step queued while the host accounts the last one. Each decoding sequence carries a
+placeholder for its token in flight (the scheduler counts it; the model runner feeds it to step N+1 from the
+device), and a finish found when step N lands (end of sequence, stop token ids, a grammar) drops the token step
+N+1 sampled for it. Lengths (max_tokens, max_seq_len) are known ahead and cost no extra step. A step holding
+sequences whose next input needs their newest token on the host (penalties, grammars) is collected first.
 """
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ import os
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 
+import torch
+
 from ..config import EngineConfig
+from ..devices import gpu_memory
 from ..sampling_params import SamplingParams
 from .block_manager import BlockManager
 from .interface import EngineCoreOutput, EngineCoreRequest, EngineInfo, check_token_ids
@@ -22,15 +28,15 @@ from .loading import LoadedModel, load
 from .model_runner import ModelRunner
 from .request import Request
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig):
-        self.config = config
         loaded: LoadedModel = load(config)
+        self.config = config = config.with_limits(gpu_memory(loaded.device))  # "auto" step limits resolved
         self.loaded = loaded
         self.device, self.dtype = loaded.device, loaded.dtype
         self.max_seq_len = loaded.max_seq_len
@@ -41,7 +47,8 @@ class EngineCore:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         # One sequence can never hold more than the whole cache (a small num_kv_blocks): that is its context.
         self.max_seq_len = min(self.max_seq_len, self.runner.num_blocks * config.block_size)
-        self.scheduler = Scheduler(config.max_batch_size, config.max_num_tokens, self.block_manager)
+        self.scheduler = Scheduler(config.max_batch_size, config.max_num_tokens, self.block_manager,
+                                   max_seq_len=self.max_seq_len)
         self.requests: dict[str, Request] = {}
         self._in_flight = None  # (ScheduledBatch, LaunchedStep) queued on the device, collected by the next step()
         self._guided = self._start_guided()  # builds the grammar vocabulary in the background, now
@@ -133,67 +140,72 @@ class EngineCore:
 
     # ---- one step ----------------------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
-        """Collect the step in flight, launch the next, then build the outputs that could wait (see the module
+        """Launch the next step, then collect the one in flight and return its outputs (see the module
         docstring)."""
-        outputs, deferred = self._collect()
-        if not any(first for first, _ in outputs):  # a first token goes out now: time to first token counts
-            outputs += [(False, o) for o in self._launch()]
-        outputs += [(False, self._emit(*item)) for item in deferred]
-        return [o for _, o in outputs if o is not None]
+        in_flight, self._in_flight = self._in_flight, None
+        outputs: list[EngineCoreOutput | None] = []
+        if in_flight is not None and in_flight[0].needs_host_tokens:  # its tokens decide the next inputs
+            outputs, in_flight = self._collect(in_flight), None
+        outputs += self._launch()
+        if in_flight is not None:
+            outputs += self._collect(in_flight)
+        return [o for o in outputs if o is not None]
 
     def _launch(self) -> list[EngineCoreOutput | None]:
-        """Schedule the next batch and queue it on the device; returns the deltas of requests that failed."""
+        """Schedule the next batch and queue it on the device; returns the outputs of requests that failed."""
         outputs = self._admit_compiled()
         batch = self.scheduler.schedule()
         outputs += [self._fail(seq.request_id, seq.error or "the request cannot be scheduled") for seq in batch.failed]
+        allowed = None
+        if batch.seqs:
+            self.counters["max_running_seqs"] = max(self.counters["max_running_seqs"], len(batch.seqs))
+            self.counters["max_batch_tokens"] = max(self.counters["max_batch_tokens"], sum(batch.num_query_tokens))
+            allowed, failed = self._grammar_masks(batch)
+            if failed:  # their blocks are freed: take them out of this step
+                outputs += [self._fail(rid, msg) for rid, msg in failed]
+                batch = self._only_live(batch)
+                # Blocks they registered for prefix reuse when scheduled will never be computed now.
+                self.block_manager.reset_prefix_cache()
+                if batch.seqs:
+                    allowed, _ = self._grammar_masks(batch)  # the rows of the requests that failed are gone
         if not batch.seqs:
+            self.runner.release(batch.released)
             if self._awaiting_grammar and self._in_flight is None:  # only compiles to wait for: do not spin
                 wait(list(self._awaiting_grammar.values()), timeout=0.01, return_when=FIRST_COMPLETED)
             return outputs
-        self.counters["max_running_seqs"] = max(self.counters["max_running_seqs"], len(batch.seqs))
-        self.counters["max_batch_tokens"] = max(self.counters["max_batch_tokens"], sum(batch.num_query_tokens))
-        allowed, failed = self._grammar_masks(batch)
-        if failed:  # their blocks are freed: take them out of this step
-            outputs += [self._fail(rid, msg) for rid, msg in failed]
-            batch = self._only_live(batch)
-            # Blocks they registered for prefix reuse when scheduled will never be computed now.
-            self.block_manager.reset_prefix_cache()
-            if not batch.seqs:
-                return outputs
-            allowed, _ = self._grammar_masks(batch)  # the rows of the requests that failed are gone
         try:
-            self._in_flight = (batch, self.runner.launch(batch, allowed))
+            launched = self.runner.launch(batch, allowed)
         except Exception as exc:  # e.g. out of memory on a huge prefill: fail this batch, keep serving
-            outputs += self._fail_batch(batch, exc)
+            return outputs + self._fail_batch(batch, exc)
+        self.scheduler.advance(batch)
+        self._in_flight = (batch, launched)
         return outputs
 
-    def _collect(self) -> tuple[list[tuple[bool, EngineCoreOutput | None]], list[tuple]]:
-        """Wait for the step in flight and account its tokens. Returns (outputs built now, each flagged when it
-        carries a sequence's first token; (request, seq, token, logprobs, finish) whose output can wait)."""
-        if self._in_flight is None:
-            return [], []
-        batch, launched = self._in_flight
-        self._in_flight = None
+    def _collect(self, in_flight) -> list[EngineCoreOutput | None]:
+        """Wait for a launched step, resolve its placeholders and decide the token-level finishes."""
+        batch, launched = in_flight
         try:
             tokens, logprobs = self.runner.collect(launched)
         except Exception as exc:  # an error the device reports at the sync
-            return [(False, o) for o in self._fail_batch(batch, exc)], []
-        self.scheduler.postprocess(batch, tokens)
-        outputs, deferred = [], []
+            return self._fail_batch(batch, exc)
+        self.scheduler.resolve(batch, tokens)
+        outputs = []
+        requests, finished = self.requests, SequenceStatus.FINISHED
         for seq, token, top in zip(batch.seqs, tokens, logprobs):
-            req = self.requests.get(seq.request_id)
-            if token is None or req is None or seq.finish_reason == "abort":
+            if token is None or seq.status is finished:  # mid-prompt, or finished since launch: token dropped
+                continue
+            req = requests.get(seq.request_id)
+            if req is None:
                 continue
             try:
-                finish = self._account(req, seq, token)
-                if seq.num_output_tokens == 1:
-                    outputs.append((True, self._emit(req, seq, token, top, finish)))
-                else:
-                    deferred.append((req, seq, token, top, finish))
+                outputs.append(req.output(seq, token, self._account(req, seq, token), top))
             except Exception as exc:  # one request's fault fails that request only
                 logger.exception("request %s failed", seq.request_id)
-                outputs.append((False, self._fail(seq.request_id, f"{type(exc).__name__}: {exc}")))
-        return outputs, deferred
+                outputs.append(self._fail(seq.request_id, f"{type(exc).__name__}: {exc}"))
+                continue
+            if req.finished:
+                del requests[seq.request_id]
+        return outputs
 
     def _fail_batch(self, batch, exc: Exception) -> list[EngineCoreOutput | None]:
         logger.error("model step failed", exc_info=exc)
@@ -257,15 +269,6 @@ class EngineCore:
         if finish is not None:
             self.scheduler.finish(seq, finish)
         return finish
-
-    def _emit(self, req: Request, seq: Sequence, token: int, top: dict[int, float] | None,
-              finish: str | None) -> EngineCoreOutput | None:
-        if seq.request_id not in self.requests:
-            return None  # aborted (or failed) since the token was accounted
-        out = req.output(seq, token, finish, top)
-        if req.finished:
-            del self.requests[seq.request_id]
-        return out
 
     def _fail(self, request_id: str, message: str) -> EngineCoreOutput | None:
         req = self.requests.pop(request_id, None)

@@ -1,14 +1,23 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+"""Engine steps replayed from CUDA graphs: decode steps per batch-size bucket, prefill and mixed steps per token
+bucket.
 
 A decode step of a 7B model launches a few hundred small kernels; launched one by one from Python, the gaps
 between them cost as much as the work. A CUDA graph records the whole forward once per bucket and replays it
 with one launch. Graphs replay fixed addresses, so every input lives in a static buffer that `run` fills:
-input_ids, positions, slot_mapping, context_lens, block_tables (query_start_loc is fixed: one token each).
-A batch is padded up to its bucket; padding rows have slot -1 (nothing stored) and context 0 (zeros out).
-All graphs share one memory pool, captured largest first so the smaller ones reuse its blocks.
+input_ids, positions, slot_mapping, query_start_loc, context_lens, block_tables. A batch is padded up to its
+bucket; padding tokens have slot -1 (nothing stored), padding sequences a query of length 0 (their attention
+programs exit at once) and context 0. All graphs share one memory pool, captured largest first so the smaller
+ones reuse its blocks.
 
-Only the model forward is captured; logits and sampling run eagerly on the rows that sample. Batches larger
-than the largest bucket, prefills and mixed steps run eagerly (ModelRunner decides with `fits`).
+Three families:
+- decode: one token per sequence, batch buckets up to max_batch_size (the split-K decode attention kernel);
+- prefill: one sequence's chunk, token buckets up to max_prefill_tokens (a first token pays for no padding
+  sequences);
+- mixed: any batch of up to max_batch_size sequences (prefill chunks and decodes together) whose tokens fit a
+  token bucket up to max_mixed_tokens. The prefill attention kernel runs with a grid for max_batch_size
+  sequences and reads each one's real length on the device. Steps larger than that are compute-bound: they run
+  eagerly, where launch gaps are hidden behind the work.
+Only the model forward is captured; logits and sampling run eagerly on the rows that sample.
 """
 from __future__ import annotations
 
@@ -20,12 +29,16 @@ import torch
 from ..attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
+MIXED_GRAPH_TOKENS = 2048  # default max_mixed_tokens: larger steps are compute-bound
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
-    """1, 2, 4, 8, then every 16 up to max_batch_size (always included): padding wastes at most 15 rows."""
+    """1, 2, 4, 8, every 16 up to 256, every 32 up to 512, then every 64, up to max_batch_size (always
+    included): padding wastes at most 1/8 of a bucket past 16 rows."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch_size]
-    sizes += list(range(16, max_batch_size, 16))
+    sizes += list(range(16, min(max_batch_size, 256), 16))
+    sizes += list(range(256, min(max_batch_size, 512), 32))
+    sizes += list(range(512, max_batch_size, 64))
     return sorted(set(sizes + [max_batch_size]))
 
 
@@ -41,43 +54,55 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, max_batch_size: int, max_blocks_per_seq: int,
-                 device: torch.device, max_prefill_tokens: int = 0):
+                 device: torch.device, max_prefill_tokens: int = 0, max_mixed_tokens: int = 0):
         self.model = model
         self.device = device
         self.buckets = batch_buckets(max_batch_size)
         self.prefill_buckets = token_buckets(max_prefill_tokens) if max_prefill_tokens > 1 else []
+        self.mixed_buckets = token_buckets(max_mixed_tokens) if max_mixed_tokens > 1 and max_batch_size > 1 else []
         self.max_blocks_per_seq = max_blocks_per_seq
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}  # bucket -> static hidden [bucket, H] the graph writes
-        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.prefill_outputs: dict[int, torch.Tensor] = {}  # token bucket -> static hidden [bucket, H]
-        size = max([self.buckets[-1]] + self.prefill_buckets)
+        self.max_seqs = self.buckets[-1]
+        # family -> bucket -> (graph, static hidden [bucket, H] the graph writes)
+        self.families: dict[str, dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]] = {
+            "decode": {}, "prefill": {}, "mixed": {}}
+        size = max([self.max_seqs] + self.prefill_buckets + self.mixed_buckets)
         as_int = dict(device=device)
         self.input_ids = torch.zeros(size, dtype=torch.int64, **as_int)
         self.positions = torch.zeros(size, dtype=torch.int64, **as_int)
         self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, **as_int)
-        self.context_lens = torch.zeros(self.buckets[-1], dtype=torch.int32, **as_int)
-        self.block_tables = torch.zeros(self.buckets[-1], max_blocks_per_seq, dtype=torch.int32, **as_int)
-        self.query_start_loc = torch.arange(self.buckets[-1] + 1, dtype=torch.int32, **as_int)
-        self.prefill_query_start_loc = torch.zeros(2, dtype=torch.int32, **as_int)  # [0, T]: T read on device
+        self.context_lens = torch.zeros(self.max_seqs, dtype=torch.int32, **as_int)
+        self.block_tables = torch.zeros(self.max_seqs, max_blocks_per_seq, dtype=torch.int32, **as_int)
+        self.decode_query_start_loc = torch.arange(self.max_seqs + 1, dtype=torch.int32, **as_int)  # fixed
+        self.query_start_loc = torch.zeros(self.max_seqs + 1, dtype=torch.int32, **as_int)  # prefill / mixed
 
-    def _metadata(self, batch: int) -> AttentionMetadata:
-        """Views of the static buffers for one decode bucket. max_context_len is the largest context a sequence
-        can have, so the attention kernels are captured with enough partitions for any replay."""
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:batch], query_start_loc=self.query_start_loc[:batch + 1],
-            context_lens=self.context_lens[:batch], block_tables=self.block_tables[:batch],
-            max_query_len=1, max_context_len=self._max_context(),
-            query_lens_host=[1] * batch, context_lens_host=[0] * batch,
-        )
+    # Kept for callers that look at one family: decode graphs by batch bucket, prefill graphs by token bucket.
+    @property
+    def graphs(self) -> dict[int, torch.cuda.CUDAGraph]:
+        return {b: g for b, (g, _) in self.families["decode"].items()}
 
-    def _prefill_metadata(self, tokens: int) -> AttentionMetadata:
-        """One sequence, `tokens` query rows (its real length is read from prefill_query_start_loc)."""
+    @property
+    def prefill_graphs(self) -> dict[int, torch.cuda.CUDAGraph]:
+        return {b: g for b, (g, _) in self.families["prefill"].items()}
+
+    @property
+    def mixed_graphs(self) -> dict[int, torch.cuda.CUDAGraph]:
+        return {b: g for b, (g, _) in self.families["mixed"].items()}
+
+    def _metadata(self, family: str, bucket: int) -> AttentionMetadata:
+        """Views of the static buffers for one bucket. max_context_len is the largest context a sequence can
+        have, so the attention kernels are captured with enough partitions for any replay; a prefill or mixed
+        graph is captured for `bucket` query tokens of `seqs` sequences, whose real lengths are read on the
+        device."""
+        if family == "decode":
+            seqs, query_start_loc, max_query_len = bucket, self.decode_query_start_loc[:bucket + 1], 1
+        else:
+            seqs = 1 if family == "prefill" else self.max_seqs
+            query_start_loc, max_query_len = self.query_start_loc[:seqs + 1], bucket
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:tokens], query_start_loc=self.prefill_query_start_loc,
-            context_lens=self.context_lens[:1], block_tables=self.block_tables[:1],
-            max_query_len=tokens, max_context_len=self._max_context(),
-            query_lens_host=[tokens], context_lens_host=[0],
+            slot_mapping=self.slot_mapping[:bucket], query_start_loc=query_start_loc,
+            context_lens=self.context_lens[:seqs], block_tables=self.block_tables[:seqs],
+            max_query_len=max_query_len, max_context_len=self._max_context(),
+            query_lens_host=[max_query_len] * seqs, context_lens_host=[0] * seqs,
         )
 
     def _max_context(self) -> int:
@@ -89,22 +114,21 @@ class CudaGraphRunner:
         log why and keep none, so every step runs eagerly."""
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        try:
-            for tokens in reversed(self.prefill_buckets):
-                self.prefill_graphs[tokens], self.prefill_outputs[tokens] = self._capture_one(
-                    tokens, self._prefill_metadata(tokens), pool)
-            for batch in reversed(self.buckets):
-                self.graphs[batch], self.outputs[batch] = self._capture_one(batch, self._metadata(batch), pool)
+        plan = [("prefill", self.prefill_buckets), ("mixed", self.mixed_buckets), ("decode", self.buckets)]
+        try:  # largest first: the smaller graphs reuse the pool's blocks
+            for family, buckets in sorted(plan, key=lambda item: -max(item[1], default=0)):
+                for bucket in reversed(buckets):
+                    self.families[family][bucket] = self._capture_one(bucket, self._metadata(family, bucket), pool)
         except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
             logger.warning("CUDA graph capture failed (%s: %s); the model runs eagerly. Set enforce_eager=True "
                            "to skip the attempt.", type(error).__name__, error)
-            for table in (self.graphs, self.outputs, self.prefill_graphs, self.prefill_outputs):
-                table.clear()
+            for graphs in self.families.values():
+                graphs.clear()
             return
         torch.cuda.synchronize(self.device)
-        logger.info("captured %d decode graphs (batch sizes %s) and %d prefill graphs (tokens %s) in %.1f s",
-                    len(self.graphs), self.buckets, len(self.prefill_graphs), self.prefill_buckets,
-                    time.perf_counter() - start)
+        logger.info("captured CUDA graphs in %.1f s: decode batch sizes %s; prefill tokens %s; mixed tokens %s "
+                    "(up to %d sequences)", time.perf_counter() - start, self.buckets, self.prefill_buckets,
+                    self.mixed_buckets, self.max_seqs)
 
     def _capture_one(self, rows: int, attn: AttentionMetadata, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         ids, positions = self.input_ids[:rows], self.positions[:rows]
@@ -116,13 +140,22 @@ class CudaGraphRunner:
         return graph, output
 
     def fits(self, num_seqs: int) -> bool:
-        return bool(self.graphs) and num_seqs <= self.buckets[-1]
+        return bool(self.families["decode"]) and num_seqs <= self.max_seqs
+
+    def _family(self, attn: AttentionMetadata, num_tokens: int) -> str | None:
+        """Which family replays this batch: None when it runs eagerly."""
+        if attn.is_decode_only:
+            return "decode" if self.fits(attn.num_seqs) else None
+        if attn.num_seqs == 1 and self.families["prefill"] and num_tokens <= self.prefill_buckets[-1]:
+            return "prefill"
+        if self.families["mixed"] and attn.num_seqs <= self.max_seqs and num_tokens <= self.mixed_buckets[-1]:
+            return "mixed"
+        return None
 
     def can_replay(self, attn: AttentionMetadata) -> bool:
-        """A decode-only batch that fits a bucket, or one sequence's prefill chunk that fits a token bucket."""
-        if attn.is_decode_only:
-            return self.fits(attn.num_seqs)
-        return attn.num_seqs == 1 and bool(self.prefill_graphs) and attn.max_query_len <= self.prefill_buckets[-1]
+        """A decode-only batch that fits a batch bucket, one sequence's prefill chunk that fits a token bucket,
+        or a mixed batch that fits a mixed token bucket."""
+        return self._family(attn, attn.slot_mapping.shape[0]) is not None
 
     def bucket_for(self, num_seqs: int) -> int:
         return next(b for b in self.buckets if b >= num_seqs)
@@ -130,24 +163,29 @@ class CudaGraphRunner:
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         """input_ids [T], positions [T] -> hidden [T, H] for a batch that `can_replay`. The result is a view of
         the graph's output buffer: use it before the next `run`."""
-        if not self.can_replay(attn):
-            raise ValueError(f"CudaGraphRunner.run takes decode-only batches of at most {self.buckets[-1]} "
-                             f"sequences or one sequence's prefill of at most {self.prefill_buckets[-1:]} tokens "
-                             f"(got {attn.num_seqs} sequences, max_query_len={attn.max_query_len}); run the model "
-                             "eagerly for the others (check can_replay() first)")
+        tokens, num_seqs = input_ids.shape[0], attn.num_seqs
+        family = self._family(attn, tokens)
+        if family is None:
+            raise ValueError(f"CudaGraphRunner.run takes decode-only batches of at most {self.max_seqs} "
+                             f"sequences, one sequence's prefill of at most {self.prefill_buckets[-1:]} tokens or "
+                             f"mixed batches of at most {self.mixed_buckets[-1:]} tokens (got {num_seqs} "
+                             f"sequences, {tokens} tokens); run the model eagerly for the others (check "
+                             "can_replay() first)")
         width = attn.block_tables.shape[1]
         if width > self.max_blocks_per_seq:
             raise ValueError(f"block table has {width} blocks per sequence but graphs were captured for "
                              f"{self.max_blocks_per_seq}; pass max_blocks_per_seq >= max_seq_len / block_size")
-        tokens, num_seqs = input_ids.shape[0], attn.num_seqs
-        if attn.is_decode_only:  # one token per sequence, padded up to the batch bucket
+        if family == "decode":  # one token per sequence, padded up to the batch bucket
             bucket = self.bucket_for(num_seqs)
-            graph, output = self.graphs[bucket], self.outputs[bucket]
             self.context_lens[num_seqs:bucket].fill_(0)  # padding rows attend to nothing
-        else:  # one sequence's chunk, padded up to the token bucket; its length is read on the device
-            bucket = next(b for b in self.prefill_buckets if b >= tokens)
-            graph, output = self.prefill_graphs[bucket], self.prefill_outputs[bucket]
-            self.prefill_query_start_loc.copy_(attn.query_start_loc, non_blocking=True)
+        else:  # chunks padded up to the token bucket; each sequence's length is read on the device
+            bucket = next(b for b in (self.prefill_buckets if family == "prefill" else self.mixed_buckets)
+                          if b >= tokens)
+            self.query_start_loc[:num_seqs + 1].copy_(attn.query_start_loc, non_blocking=True)
+            if family == "mixed":  # padding sequences: empty queries
+                self.query_start_loc[num_seqs + 1:].fill_(tokens)
+                self.context_lens[num_seqs:].fill_(0)
+        graph, output = self.families[family][bucket]
         self.input_ids[:tokens].copy_(input_ids, non_blocking=True)
         self.positions[:tokens].copy_(positions, non_blocking=True)
         self.slot_mapping[:tokens].copy_(attn.slot_mapping, non_blocking=True)

@@ -1,8 +1,9 @@
 """Tensors for one engine step: batch layout, paged KV cache, model forward, logits, sampling.
 
-The CPU path is the reference (plain torch). On CUDA, decode-only steps replay CUDA graphs captured per batch
-bucket and one sequence's prefill chunk replays a graph captured per token bucket (``cuda_graph_runner``); mixed
-batches run eagerly.
+The step's inputs come from the persistent batch (``input_batch``). The CPU path is the reference (plain torch).
+On CUDA, decode-only steps replay CUDA graphs captured per batch bucket, prefill chunks and mixed steps of up to
+MIXED_GRAPH_TOKENS tokens replay graphs captured per token bucket (``cuda_graph_runner``); larger steps run
+eagerly.
 """
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..attention_metadata import AttentionMetadata
 from ..config import EngineConfig
-from ..layers.sampler import Sampler, SamplingBatch, unpack_top_logprobs
+from ..layers.sampler import Sampler, unpack_top_logprobs
 from ..layers.token_bitmask import TokenBitmask
+from .input_batch import InputBatch, StepInputs
 from .scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,9 @@ class LaunchedStep:
     tokens: torch.Tensor | None = None
     num_logprobs: tuple[int | None, ...] = ()
     done: torch.cuda.Event | None = None  # CUDA: fires when `tokens` is filled
+    step_id: int = -1
+    batch_rows: np.ndarray | None = None  # [R] persistent-batch rows of the sampling sequences
+    seq_ids: np.ndarray | None = None  # [R] their seq_ids (a row may change hands before the tokens land)
 
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on the CPU
@@ -53,6 +59,9 @@ class ModelRunner:
         if device.type == "cuda" and hasattr(model, "fuse_fp8_input_quantization"):
             model.fuse_fp8_input_quantization()
         self.graphs = self._maybe_graphs()
+        self.input_batch = InputBatch(config.max_batch_size, self.max_blocks_per_seq, self.block_size,
+                                      config.max_num_tokens, eos_token_ids, device)
+        self._steps = 0
 
     # ---- set-up ----------------------------------------------------------------------------------------
     def _kv_bytes_per_block(self) -> int:
@@ -92,121 +101,89 @@ class ModelRunner:
             from .cuda_graph_runner import CudaGraphRunner
         except ImportError:
             return None
+        from .cuda_graph_runner import MIXED_GRAPH_TOKENS
+
+        budget = min(self.config.max_num_tokens, self.max_seq_len)
         graphs = CudaGraphRunner(self.model, self.config.max_batch_size, self.max_blocks_per_seq, self.device,
-                                 max_prefill_tokens=min(self.config.max_num_tokens, self.max_seq_len))
+                                 max_prefill_tokens=budget,
+                                 max_mixed_tokens=min(self.config.max_num_tokens, MIXED_GRAPH_TOKENS))
         graphs.capture()
         return graphs
 
     # ---- one step --------------------------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flatten the scheduled chunks: input_ids [T], positions [T], and the attention layout. Every integer
-        goes into ONE host tensor (pinned on CUDA) and ONE host->device copy; the int32 parts are cast with one
-        device kernel. Several small copies cost more host time than the data they move."""
-        bs = self.block_size
-        ids, positions, slots, starts, ctx_lens, q_lens, tables = [], [], [], [0], [], [], []
-        for seq, q in zip(batch.seqs, batch.num_query_tokens):
-            begin, end, table = seq.num_computed_tokens, seq.num_computed_tokens + q, seq.block_table
-            if q == 1:  # decode: one token, no slices or generators
-                ids.append(seq.token_ids[begin])
-                positions.append(begin)
-                slots.append(table[begin // bs] * bs + begin % bs)
-            else:
-                ids.extend(seq.token_ids[begin:end])
-                positions.extend(range(begin, end))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
-            starts.append(starts[-1] + q)
-            ctx_lens.append(end)
-            q_lens.append(q)
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        flat_tables = []
-        for table in tables:
-            flat_tables.extend(table)
-            flat_tables.extend([0] * (width - len(table)))
-        num_tokens, num_seqs = len(ids), len(q_lens)
-        # Every section starts 16 bytes apart (padding to 2 int64 / 4 int32): Triton specializes kernels on the
-        # alignment of their pointers, and a new alignment mid-serving costs a ~1 s compile.
-        t_pad, s_pad = _round_up(num_tokens, 2), _round_up(num_seqs + 1, 4)
-        pad64 = [0] * (t_pad - num_tokens)
-        starts += [0] * (s_pad - num_seqs - 1)
-        ctx_section = ctx_lens + [0] * (s_pad - num_seqs)
-        host = torch.tensor(ids + pad64 + positions + pad64 + slots + pad64 + starts + ctx_section + flat_tables,
-                            dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        packed = host.to(self.device, non_blocking=True)
-        input_ids, positions_t, slot_mapping = packed[: 3 * t_pad].view(3, t_pad)[:, :num_tokens].unbind(0)
-        as_int32 = packed[3 * t_pad:].to(torch.int32)  # starts [S+1], context lens [S], tables [S*W], padded
-        attn = AttentionMetadata(
-            slot_mapping=slot_mapping, query_start_loc=as_int32[: num_seqs + 1],
-            context_lens=as_int32[s_pad: s_pad + num_seqs],
-            block_tables=as_int32[2 * s_pad:].view(num_seqs, width),
-            max_query_len=max(q_lens), max_context_len=max(ctx_lens), query_lens_host=q_lens,
-            context_lens_host=ctx_lens,
-        )
-        return input_ids, positions_t, attn
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """The step's device inputs from the persistent batch (see InputBatch.prepare)."""
+        return self.input_batch.prepare(batch)
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, allowed: TokenBitmask | None = None) -> "LaunchedStep":
         """Queue the step's forward and sampling on the device and return at once; `collect` waits for it. The
-        engine does the previous step's host work (detokenizing, streaming) while the device runs this one."""
-        input_ids, positions, attn = self.prepare(batch)
+        sampled ids stay on the device too, as the next step's input ids of its decoding rows."""
+        inputs = self.prepare(batch)
+        attn = inputs.attn
         if self.graphs is not None and self.graphs.can_replay(attn):
-            hidden = self.graphs.run(input_ids, positions, attn)
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, attn)
         else:
-            hidden = self.model(input_ids, positions, attn)
-        rows = [i for i, s in enumerate(batch.samples) if s]
+            hidden = self.model(inputs.input_ids, inputs.positions, attn)
+        rows = inputs.sample_index.tolist()
         if not rows:
             return LaunchedStep(len(batch.seqs), rows)
-        sample_seqs = [batch.seqs[i] for i in rows]
-        logits = self.compute_logits(hidden, attn, rows, sample_seqs)
-        sampling = SamplingBatch.build(sample_seqs, logits.device, self.eos_token_ids, token_bitmask=allowed)
+        sample_seqs = batch.seqs if len(rows) == len(batch.seqs) else [batch.seqs[i] for i in rows]
+        logits = self.compute_logits(hidden, inputs, rows, sample_seqs)
+        sampling = self.input_batch.sampling.batch(inputs.sample_rows, inputs.sample_positions, sample_seqs,
+                                                   logits.device, token_bitmask=allowed)
         out = self.sampler(logits, sampling)
-        tokens = torch.where(torch.isfinite(logits).all(dim=-1), out.token_ids, -1)  # [R], -1: not finite
+        # [R], -1 where a row's logits are not all finite (a row sum is NaN or inf then; one reduction, no [R, V] mask)
+        tokens = torch.where(logits.sum(dim=-1).isfinite(), out.token_ids, -1)
+        self._steps += 1
+        self.input_batch.launched(self._steps, inputs.sample_rows, out.token_ids)
         if out.top_logprobs is not None:  # one copy for both: the tokens ride in column 0 (exact in float64)
             tokens = torch.cat([tokens[:, None].double(), out.top_logprobs], dim=1)
+        step = LaunchedStep(len(batch.seqs), rows, tokens, sampling.num_logprobs, step_id=self._steps,
+                            batch_rows=inputs.sample_rows, seq_ids=self.input_batch.row_seq[inputs.sample_rows])
         if tokens.is_cuda:  # copy into pinned memory behind the step; collect() waits on the event
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            return LaunchedStep(len(batch.seqs), rows, host, sampling.num_logprobs, done)
-        return LaunchedStep(len(batch.seqs), rows, tokens, sampling.num_logprobs)
+            step.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            step.tokens.copy_(tokens, non_blocking=True)
+            step.done = torch.cuda.Event()
+            step.done.record()
+        return step
 
     def collect(self, step: "LaunchedStep") -> tuple[list[int | None], list[dict[int, float] | None]]:
         """Wait for a launched step (the one host sync of a step). Returns, per scheduled sequence, the sampled
         token (None while its prefill is unfinished, -1 when its logits were not finite) and its top
         log-probabilities when asked for."""
-        sampled: list[int | None] = [None] * step.num_seqs
-        top: list[dict[int, float] | None] = [None] * step.num_seqs
         if not step.rows:
-            return sampled, top
+            return [None] * step.num_seqs, [None] * step.num_seqs
         if step.done is not None:
             step.done.synchronize()
-        values = step.tokens.tolist()
-        if step.tokens.dim() == 1:
-            for i, token in zip(step.rows, values):
-                sampled[i] = token
-            return sampled, top
-        for i, row, logprobs in zip(step.rows, values, unpack_top_logprobs(values, step.num_logprobs, first=1)):
-            sampled[i] = int(row[0])
-            top[i] = logprobs
-        return sampled, top
+        values = step.tokens.numpy()
+        top: list = [None] * len(step.rows)
+        if values.ndim == 2:  # logprobs asked for: the token in column 0, the packed top-k after it
+            top = unpack_top_logprobs(values.tolist(), step.num_logprobs, first=1)
+            values = values[:, 0].astype(np.int64)
+        self.input_batch.landed(step.step_id, step.batch_rows, step.seq_ids, values)
+        token_list = values.tolist()
+        if len(step.rows) == step.num_seqs:  # every scheduled sequence sampled (decode steps)
+            return token_list, list(top)
+        sampled: list[int | None] = [None] * step.num_seqs
+        top_all: list[dict[int, float] | None] = [None] * step.num_seqs
+        for k, i in enumerate(step.rows):
+            sampled[i], top_all[i] = token_list[k], top[k]
+        return sampled, top_all
 
-    def compute_logits(self, hidden: torch.Tensor, attn: AttentionMetadata, rows: list[int],
-                       seqs: list) -> torch.Tensor:
-        """Logits [R, V] (float32) of the sampled rows' last positions. (Tests override it to inject faults.)"""
-        return self.model.compute_logits(self._last_hidden(hidden, attn, rows))
+    def release(self, seqs: list) -> None:
+        """Free the persistent-batch rows of sequences that left (for a schedule that launched nothing)."""
+        for seq in seqs:
+            self.input_batch.release(seq)
 
-    def _last_hidden(self, hidden: torch.Tensor, attn: AttentionMetadata, rows: list[int]) -> torch.Tensor:
-        """hidden [T, H] -> [R, H]: the last query token of each sampled sequence (rows)."""
-        if attn.is_decode_only and len(rows) == attn.num_seqs:
+    def compute_logits(self, hidden: torch.Tensor, inputs: StepInputs, rows: list[int], seqs: list) -> torch.Tensor:
+        """Logits [R, V] (float32) of the sampled rows' last positions (rows: batch indices of the sequences
+        `seqs` that sample). (Tests override it to inject faults.)"""
+        return self.model.compute_logits(self._last_hidden(hidden, inputs))
+
+    def _last_hidden(self, hidden: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """hidden [T, H] -> [R, H]: the last query token of each sampled sequence."""
+        if inputs.last_token_index is None:
             return hidden  # one token per sequence, all sampled: nothing to gather
-        ends, end = [], 0
-        for q in attn.query_lens_host:
-            end += q
-            ends.append(end - 1)
-        index = torch.tensor([ends[i] for i in rows], dtype=torch.int64).to(hidden.device, non_blocking=True)
-        return hidden[index]
+        return hidden.index_select(0, inputs.last_token_index)
 
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple

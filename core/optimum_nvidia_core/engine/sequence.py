@@ -49,12 +49,23 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
         self.error: str | None = None
         self.seed = seed if seed is not None else _derive_seed(params.seed, index)
-        self.sampling_row = None  # the sampler's RowParams, derived once from params on first use
+        # Asynchronous scheduling: tokens sampled by a launched step whose ids are still on the device. They count
+        # in num_tokens (the next step computes them from the device copy) but are not in token_ids yet.
+        self.num_placeholders = 0
+        self.num_registered_blocks = 0  # leading full blocks of block_table registered in the prefix cache
+        self.row: int | None = None  # the model runner's persistent-batch row while it holds one
+        max_tokens = params.max_tokens if params.max_tokens is not None else 1 << 62
+        self.max_num_tokens = self.num_prompt_tokens + max_tokens  # where "length" ends it (before max_seq_len)
+        # The next step's inputs need this sequence's newest token on the host (penalties over the output, an
+        # output grammar): it is never scheduled while a placeholder is outstanding.
+        self.needs_host_tokens = bool(params.repetition_penalty != 1.0 or params.presence_penalty
+                                      or params.frequency_penalty or params.guided_json is not None)
 
     # -- token views --------------------------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens so far, placeholders included."""
+        return len(self.token_ids) + self.num_placeholders
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -62,20 +73,22 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def last_token_id(self) -> int:
-        return self.token_ids[-1]
+        """Generated tokens, placeholders included."""
+        return len(self.token_ids) + self.num_placeholders - self.num_prompt_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens still to run through the model: the rest of the prompt, or the last sampled token."""
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_placeholders - self.num_computed_tokens
 
     @property
     def is_prefill(self) -> bool:
         return self.num_uncomputed_tokens > 1
+
+    def reached_length(self, max_seq_len: int | None) -> bool:
+        """Whether max_tokens or max_seq_len ends it once its placeholders resolve (no more steps needed)."""
+        total = self.num_tokens
+        return total >= self.max_num_tokens or (max_seq_len is not None and total >= max_seq_len)
 
     @property
     def is_finished(self) -> bool:
@@ -84,22 +97,29 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
+    def resolve_placeholder(self, token_id: int) -> None:
+        """The oldest in-flight token reached the host."""
+        self.num_placeholders -= 1
+        self.token_ids.append(token_id)
+
     # -- token-level stop conditions ----------------------------------------------------------------------------
     def check_token_stop(self, eos_token_ids: set[int] | frozenset[int], max_seq_len: int | None = None) -> str | None:
         """Finish reason after the last appended token, from token ids and lengths only (stop strings are the
         detokenizer's job): "stop" for EOS / a stop token id, "length" at max_tokens or max_seq_len, else None."""
         params = self.params
-        if self.num_output_tokens == 0:
+        num_output = len(self.token_ids) - self.num_prompt_tokens
+        if num_output == 0:
             return None
         last = self.token_ids[-1]
-        if self.num_output_tokens >= params.min_tokens:
+        if num_output >= params.min_tokens:
             if last in params.stop_token_ids:
                 return "stop"
             if not params.ignore_eos and last in eos_token_ids:
                 return "stop"
-        if params.max_tokens is not None and self.num_output_tokens >= params.max_tokens:
+        num_tokens = len(self.token_ids)  # known tokens only: an in-flight token has not happened yet
+        if num_tokens >= self.max_num_tokens:
             return "length"
-        if max_seq_len is not None and self.num_tokens >= max_seq_len:
+        if max_seq_len is not None and num_tokens >= max_seq_len:
             return "length"
         return None
 

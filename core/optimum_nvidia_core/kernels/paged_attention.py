@@ -6,7 +6,7 @@ scores (K) and on the fp32 output (V), so the bf16 and FP8 caches share one code
 cache is computed on in fp16, see `_compute_dtype`).
 
 Decode (every sequence has one query token) is memory-bound: one program per (sequence, KV head, partition of
-128-512 context tokens, see partition_size) reads that slice of K and V once for all query heads of the group (GQA), and a
+128-512 context tokens, see DECODE_PARTITION) reads that slice of K and V once for all query heads of the group (GQA), and a
 second kernel merges the partitions' softmax statistics (flash-decoding). Prefill chunks and mixed batches go
 through a flash-attention kernel whose queries attend causally to their whole cached context, so chunked prefill
 and prefix-cache hits need nothing special.
@@ -21,6 +21,9 @@ from optimum_nvidia_core import e4m3
 from optimum_nvidia_core.attention_metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
+# Context tokens per decode program (benchmarks/NOTES.md, "Measurements behind the code": smaller partitions were
+# not faster where measured), one size for every batch until a sweep says otherwise.
+DECODE_PARTITION = 512
 FP8_MAX = tl.constexpr(e4m3.FP8_MAX)  # constexpr so kernels may read it
 
 
@@ -221,7 +224,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     compute = _compute_dtype(q.dtype, k_cache.dtype)
     if attn.is_decode_only:
         num_seqs = num_tokens
-        partition = partition_size(num_seqs, num_kv_heads)
+        partition = DECODE_PARTITION
         num_parts = max(1, triton.cdiv(attn.max_context_len, partition))
         part_acc = part_max = part_sum = out  # unused placeholders when one partition suffices
         if num_parts > 1:
@@ -261,13 +264,6 @@ def prefill_config(max_query_len: int) -> tuple[int, int, int, int]:
     if max_query_len <= 16:
         return 16, 64, 4, 2
     return 64, 64, 4, 2
-
-
-def partition_size(num_seqs: int, num_kv_heads: int) -> int:
-    """Context tokens per decode program: 512 for every batch. Smaller partitions, which would give few
-    (sequence, KV head) pairs more programs, were slower where measured (benchmarks/NOTES.md, "Measurements
-    behind the code"), so one size serves all until a sweep says otherwise."""
-    return 512
 
 
 def _compute_dtype(q_dtype: torch.dtype, kv_dtype: torch.dtype):

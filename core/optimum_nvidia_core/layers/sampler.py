@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .token_bitmask import TokenBitmask, apply_token_bitmask
@@ -20,52 +21,14 @@ from .token_bitmask import TokenBitmask, apply_token_bitmask
 if TYPE_CHECKING:
     from optimum_nvidia_core.engine.sequence import Sequence
 
-_GREEDY_BELOW = 1e-5  # temperatures this small are treated as greedy (the division would only add rounding)
 _MASK32 = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class RowParams:
-    """One sequence's sampling parameters in the sampler's terms, derived once (SamplingParams never change)."""
-
-    eos_token_ids: tuple[int, ...]  # what banned_ids was derived with
-    greedy: bool
-    floats: tuple[float, ...]  # temperature (1.0 when greedy), top_p, min_p, repetition, presence, frequency, greedy
-    top_k: int
-    truncates: bool  # a sampled row with top-k or top-p: needs the sort
-    uses_min_p: bool
-    penalizes_prompt: bool  # repetition penalty: needs the prompt ids
-    penalizes_output: bool  # any penalty: needs the output ids
-    banned_ids: tuple[int, ...]  # EOS / stop ids, banned while below min_tokens
-    min_tokens: int
-    num_logprobs: int | None
-
-    @classmethod
-    def of(cls, seq: "Sequence", eos_token_ids: tuple[int, ...]) -> "RowParams":
-        """Cached on the sequence (``seq.sampling_row``)."""
-        row = seq.sampling_row
-        if row is not None and row.eos_token_ids == eos_token_ids:
-            return row
-        p = seq.params
-        greedy = p.temperature < _GREEDY_BELOW
-        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
-        row = cls(
-            eos_token_ids=eos_token_ids, greedy=greedy,
-            floats=(1.0 if greedy else p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
-                    p.frequency_penalty, float(greedy)),
-            top_k=p.top_k, truncates=not greedy and (p.top_k > 0 or p.top_p < 1.0),
-            uses_min_p=not greedy and p.min_p > 0.0, penalizes_prompt=p.repetition_penalty != 1.0,
-            penalizes_output=bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty),
-            banned_ids=tuple(sorted(banned)), min_tokens=p.min_tokens, num_logprobs=p.logprobs,
-        )
-        seq.sampling_row = row
-        return row
 
 
 @dataclass
 class SamplingBatch:
-    """Per-row sampling parameters as tensors ([S] each unless noted), built once per step. When every row is
-    greedy with no penalty, ban or logprobs (the common serving case), no tensor is built at all: argmax only."""
+    """Per-row sampling parameters as tensors ([S] each unless noted), gathered once per step from the rows of a
+    SamplingTable. When every row is greedy with no penalty, ban or logprobs (the common serving case), no tensor
+    is built at all: argmax only."""
 
     temperature: torch.Tensor | None = None  # float32, 1.0 on greedy rows
     is_greedy: torch.Tensor | None = None  # bool
@@ -96,33 +59,15 @@ class SamplingBatch:
         eos_token_ids: list[int] | tuple[int, ...] = (),
         token_bitmask: TokenBitmask | None = None,
     ) -> "SamplingBatch":
-        eos_token_ids = tuple(eos_token_ids)
-        rows = [RowParams.of(seq, eos_token_ids) for seq in seqs]
-        banned = [r.banned_ids if seq.num_output_tokens < r.min_tokens else () for seq, r in zip(seqs, rows)]
-        batch = cls(token_bitmask=token_bitmask, all_greedy=all(r.greedy for r in rows),
-                    num_logprobs=tuple(r.num_logprobs for r in rows))
-        if any(banned):
-            batch.banned_token_ids = _padded([list(b) for b in banned], device)
-        penalizes = any(r.penalizes_output for r in rows)
-        if batch.all_greedy and not penalizes:
-            return batch  # argmax needs nothing else
-        # Two host->device copies for all per-row values: floats [S, 7] and ints [S, 3].
-        floats = torch.tensor([r.floats for r in rows], dtype=torch.float32).to(device, non_blocking=True)
-        ints = torch.tensor([(r.top_k, seq.seed, seq.num_tokens) for seq, r in zip(seqs, rows)],
-                            dtype=torch.int64).to(device, non_blocking=True)
-        (batch.temperature, batch.top_p, batch.min_p, batch.repetition_penalty, batch.presence_penalty,
-         batch.frequency_penalty, greedy) = floats.unbind(1)
-        batch.is_greedy = greedy > 0.5
-        batch.top_k, batch.seeds, batch.positions = ints.unbind(1)
-        batch.any_min_p = any(r.uses_min_p for r in rows)
-        truncated = [i for i, r in enumerate(rows) if r.truncates]
-        if truncated:
-            batch.top_k_top_p_rows = torch.tensor(truncated, dtype=torch.int64).to(device, non_blocking=True)
-        if any(r.penalizes_prompt for r in rows):
-            batch.prompt_token_ids = _padded([seq.token_ids[: seq.num_prompt_tokens] for seq in seqs], device)
-        if penalizes:
-            batch.output_token_ids = _padded([seq.output_token_ids for seq in seqs], device)
-        return batch
+        """The batch of `seqs`, each sampling its next token. (The engine keeps a persistent SamplingTable and
+        calls its ``batch`` directly; this builds a throw-away one.)"""
+        from optimum_nvidia_core.layers.sampling_table import SamplingTable
+
+        table = SamplingTable(len(seqs))
+        for row, seq in enumerate(seqs):
+            table.write(row, seq, eos_token_ids)
+        positions = np.array([seq.num_tokens for seq in seqs], dtype=np.int64)
+        return table.batch(np.arange(len(seqs)), positions, seqs, device, token_bitmask)
 
 
 @dataclass
@@ -246,7 +191,8 @@ def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return counts[:, :vocab_size]
 
 
-def _padded(rows: list[list[int]], device: torch.device | str) -> torch.Tensor:
+def padded_ids(rows: list[list[int]], device: torch.device | str) -> torch.Tensor:
+    """Token-id lists as int64 [S, L], padded with -1."""
     width = max(1, max(len(r) for r in rows))
     return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64).to(device, non_blocking=True)
 
