@@ -26,7 +26,7 @@ from optimum_nvidia_core.build.calibration import TOKENS_PER_PASS, CalibrationSt
 from optimum_nvidia_core.build.checkpoint_reader import CheckpointReader, layer_prefix
 from optimum_nvidia_core.build.quantize import Fp8Recipe, kv_scale, quantizable_linear_names, swap_linears
 from optimum_nvidia_core.build.scratch_prefill import BLOCK_SIZE, build_metadata, scratch_kv_cache
-from optimum_nvidia_core.layers.attention_metadata import AttentionMetadata
+from optimum_nvidia_core.attention_metadata import AttentionMetadata
 
 INDEX_NAME = "model.safetensors.index.json"
 NON_LAYER_SHARD = "model-embeddings.safetensors"
