@@ -110,7 +110,7 @@ def step_seventy(ckpt: str) -> dict:
 
     from checkpoint import llama_config, write_tokenizer
     from optimum_nvidia_core import LLM, SamplingParams
-    from optimum_nvidia_core.models.fp8_checkpoint_writer import write_fp8_checkpoint
+    from benchmarks.fp8_checkpoint_writer import write_fp8_checkpoint
 
     result = {}
     if not (Path(ckpt) / "done").exists():

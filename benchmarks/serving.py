@@ -117,9 +117,13 @@ def bench_tools(llm: LLM, concurrency: int, out_len: int) -> dict:
 
     def run(tools, tool_choice, params) -> tuple[float, int]:
         outs: list = [None] * len(chats)
+        errors: list[str] = []
 
         def one(i):
-            outs[i] = llm.chat(chats[i], params, tools=tools, tool_choice=tool_choice)
+            try:
+                outs[i] = llm.chat(chats[i], params, tools=tools, tool_choice=tool_choice)
+            except Exception as exc:  # reported, not hidden: the run fails with it below
+                errors.append(f"{type(exc).__name__}: {exc}")
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(chats))]
         begin = time.perf_counter()
@@ -128,6 +132,8 @@ def bench_tools(llm: LLM, concurrency: int, out_len: int) -> dict:
         for t in threads:
             t.join()
         seconds = time.perf_counter() - begin
+        if errors:
+            raise RuntimeError(f"{len(errors)} chats failed; first: {errors[0]}")
         return sum(o.usage.completion_tokens for o in outs) / seconds, sum(bool(o.tool_calls) for o in outs)
 
     unguided_params = fixed_length(out_len)
@@ -164,9 +170,9 @@ def main() -> None:
         elif section == "tools":
             result["tools"] = bench_tools(llm, args.concurrency, args.out_len)
         print(section, json.dumps(result.get(section)), flush=True)
+        if args.out:  # after each section: a later failure keeps what was measured
+            Path(args.out).write_text(json.dumps(result, indent=1))
     llm.shutdown()
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

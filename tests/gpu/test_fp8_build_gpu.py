@@ -70,7 +70,7 @@ def test_streaming_build_peak_memory_is_about_one_layer(cuda, tmp_path):
                                                             ("modelopt", "channel", False)])
 def test_fp8_checkpoint_on_gpu_matches_cpu(cuda, tmp_path, producer, weight_scale, static):
     from optimum_nvidia_core.build.fp8_checkpoint import load_fp8_checkpoint
-    from optimum_nvidia_core.models.fp8_checkpoint_writer import write_fp8_checkpoint
+    from benchmarks.fp8_checkpoint_writer import write_fp8_checkpoint
     from optimum_nvidia_core.models.fp8_formats import checkpoint_format
 
     out = write_fp8_checkpoint(tiny_config("llama3"), tmp_path / "fp8", producer, weight_scale, static, True,

@@ -1,5 +1,5 @@
 """Pre-quantized FP8 checkpoints (llm-compressor compressed-tensors, NVIDIA ModelOpt) written in their on-disk
-layouts by models/fp8_checkpoint_writer.py, loaded through the engine's loader, checked against the files."""
+layouts by benchmarks/fp8_checkpoint_writer.py, loaded through the engine's loader, checked against the files."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from optimum_nvidia_core.build.scratch_prefill import prefill
 from optimum_nvidia_core.config import EngineConfig
 from optimum_nvidia_core.engine.loading import load
 from optimum_nvidia_core.layers.fp8_linear import FP8_DTYPE, Fp8Linear
-from optimum_nvidia_core.models.fp8_checkpoint_writer import write_fp8_checkpoint
+from benchmarks.fp8_checkpoint_writer import write_fp8_checkpoint
 from optimum_nvidia_core.models.fp8_formats import UnsupportedFp8Checkpoint, checkpoint_format
 from optimum_nvidia_core.models.loader import load_model
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..layers.fp8_linear import FP8_DTYPE, FP8_MAX
-from .fp8_formats import MODELOPT_CONFIG
+from optimum_nvidia_core.layers.fp8_linear import FP8_DTYPE, FP8_MAX
+from optimum_nvidia_core.models.fp8_formats import MODELOPT_CONFIG
 
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,7 +56,7 @@ def write_fp8_checkpoint(config, out_dir: Path, producer: str = "compressed-tens
                          std: float = 0.02, seed: int = 0, device: str = "cpu", max_shard_bytes: int = 5 << 30,
                          modelopt_in_config: bool = True) -> Path:
     """Write config.json (+ hf_quant_config.json for ModelOpt) and sharded safetensors of random FP8 weights."""
-    from .loader import hf_weight_shapes
+    from benchmarks.checkpoint import hf_weight_shapes
 
     if producer == "modelopt" and (weight_scale == "tensor") != static_activations:
         raise ValueError("ModelOpt writes FP8 (per-tensor, static) or FP8_PER_CHANNEL_PER_TOKEN (channel, dynamic)")
