@@ -79,7 +79,7 @@ def write_int4_checkpoint(out_dir: Path, reference_dir: Path, method: str, group
     checkpoint, same config without quantization_config) to reference_dir. Returns the config."""
     from safetensors.torch import save_file
 
-    from optimum_nvidia_core.models.loader import hf_weight_shapes
+    from benchmarks.checkpoint import hf_weight_shapes
 
     config = int4_config(method, family, group_size, sym, checkpoint_format, **overrides)
     gen = torch.Generator().manual_seed(seed)

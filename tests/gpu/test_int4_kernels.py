@@ -51,8 +51,17 @@ def test_every_candidate_is_correct(device, m):
     qweight, scales, zeros, bias = int4_case(device, n, k, group, bias=True)
     x = torch.randn(m, k, device=device, dtype=DTYPE)
     ref = reference(x, qweight, scales, zeros, bias)
+    ran = 0
     for config in candidates(m, group):
-        assert rel_err(int4_gemm(x, qweight, scales, zeros, bias, config=config), ref) < 8e-3, config
+        try:
+            out = int4_gemm(x, qweight, scales, zeros, bias, config=config)
+        except Exception as exc:  # the tuner skips a tile this card cannot hold (its shared memory), so may we
+            if "out of resource" not in str(exc).lower():
+                raise
+            continue
+        assert rel_err(out, ref) < 8e-3, config
+        ran += 1
+    assert ran, "no candidate launches on this card"
 
 
 def test_dequantize_kernel_is_exact(device):
