@@ -76,7 +76,7 @@ def _fp8_on_a100(llm, tmp, monkeypatch, model_dir):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
-    LLM(str(model_dir), use_fp8=True, device="cuda")
+    LLM(str(model_dir), use_fp8=True, device="cuda", engine_process=False)  # the fakes live in this process
 
 
 def _bad_config_model(model_dir: Path, tmp: Path, **changes) -> Path:
@@ -120,7 +120,7 @@ def _small_kv_cache(model_dir: Path, max_tokens: int):
 
 def _cuda_without_cuda(llm, tmp, monkeypatch, model_dir):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    LLM(str(model_dir), device="cuda")
+    LLM(str(model_dir), device="cuda", engine_process=False)  # the fake lives in this process
 
 
 def _stream(llm, prompt, params):
