@@ -115,35 +115,63 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def check_with_logits(model_dir: Path, prompts, outputs, proposer) -> dict:
+def check_with_logits(model_dir: Path, prompts, outputs, ks) -> list[dict]:
     """greedy_verify on the real model's logits (transformers, fp32 CPU) reproduces the answer at every step."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from optimum_nvidia_core.engine.ngram_proposer import NgramProposer
     from optimum_nvidia_core.layers.rejection_sampler import greedy_verify
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    k = proposer.num_speculative_tokens
-    steps = mismatched = argmax_disagreements = 0
-    for prompt, output in zip(prompts, outputs):
-        ids = torch.tensor([prompt + output])
-        with torch.inference_mode():
-            logits = model(ids).logits[0, len(prompt) - 1:]  # [len(output) + 1, V]: position i predicts output[i]
-        argmax_disagreements += (logits[: len(output)].argmax(-1) != torch.tensor(output)).sum().item()
-        done = 1
-        while done < len(output):
-            proposal = proposer.propose(prompt + output[:done], max_tokens=len(output) - done - 1).tolist()
-            draft = torch.tensor([proposal + [-1] * (k - len(proposal))])
-            window = logits[done: done + k + 1]
-            window = torch.cat([window, window[-1:].expand(k + 1 - len(window), -1)])[None]  # pad at the end
-            out = greedy_verify(window, draft)
-            emitted = out.token_ids[0, : out.num_emitted.item()].tolist()[: len(output) - done]
-            mismatched += emitted != output[done: done + len(emitted)]
-            done += len(emitted)
-            steps += 1
-    return {"k": k, "prompt_lookup_min": proposer.prompt_lookup_min, "prompt_lookup_max": proposer.prompt_lookup_max,
-            "verify_steps": steps, "steps_whose_tokens_differ_from_the_answer": mismatched,
-            "answer_tokens_not_the_teacher_forced_argmax": argmax_disagreements}
+    with torch.inference_mode():  # position i of each row predicts output[i]
+        logits = [model(torch.tensor([p + o])).logits[0, len(p) - 1:] for p, o in zip(prompts, outputs)]
+    not_argmax = sum((row[: len(o)].argmax(-1) != torch.tensor(o)).sum().item() for row, o in zip(logits, outputs))
+    checks = []
+    for k in ks:
+        proposer = NgramProposer(k, prompt_lookup_max=3, prompt_lookup_min=1)
+        steps = differing = 0
+        for prompt, output, row in zip(prompts, outputs, logits):
+            done = 1
+            while done < len(output):
+                proposal = proposer.propose(prompt + output[:done], max_tokens=len(output) - done - 1).tolist()
+                draft = torch.tensor([proposal + [-1] * (k - len(proposal))])
+                window = row[done: done + k + 1]
+                window = torch.cat([window, window[-1:].expand(k + 1 - len(window), -1)])[None]  # pad at the end
+                out = greedy_verify(window, draft)
+                emitted = out.token_ids[0, : out.num_emitted.item()].tolist()[: len(output) - done]
+                differing += emitted != output[done: done + len(emitted)]
+                done += len(emitted)
+                steps += 1
+        checks.append({"k": k, "prompt_lookup_min": 1, "prompt_lookup_max": 3, "verify_steps": steps,
+                       "steps_whose_tokens_differ_from_the_answer": differing,
+                       "answer_tokens_not_the_teacher_forced_argmax": not_argmax})
+    return checks
+
+
+def measure(llm, prompts: list[list[int]], params) -> dict:
+    """Generate the answers once, then replay them under every proposer setting."""
+    from optimum_nvidia_core.engine.ngram_proposer import NgramProposer
+
+    begin = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - begin
+    outputs = [list(o.token_ids) for o in outs]
+    scenario = {"sampling": {"temperature": 0.0, "frequency_penalty": params.frequency_penalty},
+                "generate_seconds": seconds, "output_tokens": [len(o) for o in outputs],
+                "finish_reasons": [o.finish_reason for o in outs], "settings": [],
+                "answers": [{"question": q, "text": o.text} for q, o in zip(QUESTIONS, outs)],
+                "output_token_ids": outputs}
+    for k, n_min, n_max in SETTINGS:
+        proposer = NgramProposer(k, prompt_lookup_max=n_max, prompt_lookup_min=n_min)
+        rows = [replay(p, o, proposer) for p, o in zip(prompts, outputs)]
+        entry = {"k": k, "prompt_lookup_min": n_min, "prompt_lookup_max": n_max, **summarize(rows),
+                 "per_prompt_tokens_per_step": [r["decode_tokens"] / r["verify_steps"] for r in rows]}
+        scenario["settings"].append(entry)
+        print(f"frequency_penalty={params.frequency_penalty:g} k={k} n={n_min}..{n_max}: "
+              f"{entry['tokens_per_step']:.2f} tokens/step, {entry['fraction_of_steps_with_proposal']:.0%} steps "
+              f"proposed, {entry['decode_steps_saved_fraction']:.0%} steps saved", flush=True)
+    return scenario
 
 
 def main() -> None:
@@ -151,39 +179,26 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--check-logits", action="store_true")
+    parser.add_argument("--frequency-penalties", type=lambda v: [float(x) for x in v.split(",")], default=[0.0, 0.5],
+                        help="one greedy run per value; examples/langchain_rag.py uses 0.5 against small-model loops")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
     from optimum_nvidia_core import LLM, SamplingParams
-    from optimum_nvidia_core.engine.ngram_proposer import NgramProposer
 
     llm = LLM(device="cpu")
     prompts = [llm.tokenizer.apply_chat_template(rag_messages(q), add_generation_prompt=True, tokenize=True)
                for q in QUESTIONS]
-    prompts = [list(p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p) for p in prompts]
-    begin = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
-    seconds = time.perf_counter() - begin
-    outputs = [list(o.token_ids) for o in outs]
-    result = {
-        "date": datetime.date.today().isoformat(), "device": "cpu", "model": llm.model_name,
-        "sampling": {"temperature": 0.0, "max_tokens": args.max_tokens}, "generate_seconds": seconds,
-        "prompt_tokens": [len(p) for p in prompts], "output_tokens": [len(o) for o in outputs],
-        "finish_reasons": [o.finish_reason for o in outs], "settings": [],
-        "answers": [{"question": q, "text": o.text} for q, o in zip(QUESTIONS, outs)],
-    }
-    for k, n_min, n_max in SETTINGS:
-        proposer = NgramProposer(k, prompt_lookup_max=n_max, prompt_lookup_min=n_min)
-        rows = [replay(p, o, proposer) for p, o in zip(prompts, outputs)]
-        entry = {"k": k, "prompt_lookup_min": n_min, "prompt_lookup_max": n_max, **summarize(rows),
-                 "per_prompt_tokens_per_step": [r["decode_tokens"] / r["verify_steps"] for r in rows]}
-        result["settings"].append(entry)
-        print(f"k={k} n={n_min}..{n_max}: {entry['tokens_per_step']:.2f} tokens/step, "
-              f"{entry['fraction_of_steps_with_proposal']:.0%} steps proposed, "
-              f"{entry['decode_steps_saved_fraction']:.0%} steps saved", flush=True)
-    if args.check_logits:
-        result["logits_check"] = [check_with_logits(llm.model_dir, prompts, outputs, NgramProposer(k, 3, 1))
-                                  for k in (2, 4, 8)]
-        print(result["logits_check"], flush=True)
+    prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
+    result = {"date": datetime.date.today().isoformat(), "device": "cpu", "model": llm.model_name,
+              "max_tokens": args.max_tokens, "prompt_token_ids": prompts, "scenarios": {}}
+    for penalty in args.frequency_penalties:
+        name = "greedy" if penalty == 0 else f"greedy_frequency_penalty_{penalty:g}"
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, frequency_penalty=penalty)
+        scenario = result["scenarios"][name] = measure(llm, prompts, params)
+        if args.check_logits and penalty == 0:
+            scenario["logits_check"] = check_with_logits(llm.model_dir, prompts, scenario["output_token_ids"],
+                                                          (2, 4, 8))
+            print(scenario["logits_check"], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 

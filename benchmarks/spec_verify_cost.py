@@ -121,12 +121,12 @@ def proposer_seconds(context: int, k: int) -> float:
     return (time.perf_counter() - begin) / 200
 
 
-def acceptance(path: Path) -> dict[int, dict]:
-    """k -> the best (highest tokens per step) setting measured by spec_acceptance.py."""
+def acceptance(path: Path, scenario: str) -> dict[int, dict]:
+    """k -> the best (highest tokens per step) n-gram setting spec_acceptance.py measured in `scenario`."""
     if not path.is_file():
         return {}
     best: dict[int, dict] = {}
-    for entry in json.loads(path.read_text())["settings"]:
+    for entry in json.loads(path.read_text())["scenarios"][scenario]["settings"]:
         if entry["k"] not in best or entry["tokens_per_step"] > best[entry["k"]]["tokens_per_step"]:
             best[entry["k"]] = entry
     return best
@@ -142,16 +142,17 @@ def main() -> None:
     parser.add_argument("--ks", default="2,4,8")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--acceptance", default=str(ACCEPTANCE), help="spec_acceptance.py's JSON")
+    parser.add_argument("--scenario", default="greedy", help="which of its scenarios' acceptance to apply")
     parser.add_argument("--work-dir", default="/tmp/onv_spec_verify")
     args = parser.parse_args()
     work = Path(args.work_dir)
     os.environ.setdefault("OPTIMUM_NVIDIA_CACHE", str(work / "cache"))
     contexts = [int(c) for c in args.contexts.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
-    accepted = acceptance(Path(args.acceptance))
+    accepted = acceptance(Path(args.acceptance), args.scenario)
     result = {"date": datetime.date.today().isoformat(), "shape": args.shape, "device": args.device,
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "acceptance_source": args.acceptance if accepted else None,
+              "acceptance_source": f"{args.acceptance} [{args.scenario}]" if accepted else None,
               "tokens_per_step_at_k": {k: accepted[k]["tokens_per_step"] for k in accepted},
               "proposer_host_seconds": {c: proposer_seconds(c, 8) for c in contexts}, "configs": {}}
     begin = time.perf_counter()
