@@ -5,6 +5,7 @@ import torch
 
 from optimum_nvidia_core.engine.sequence import Sequence
 from optimum_nvidia_core.layers.sampler import Sampler, SamplingBatch
+from optimum_nvidia_core.layers.sampling_table import sampling_batch
 from optimum_nvidia_core.outputs import RequestOutput
 from optimum_nvidia_core.request_stream import RequestStream, Wakeups
 from optimum_nvidia_core.sampling_params import SamplingParams
@@ -12,7 +13,7 @@ from optimum_nvidia_core.sampling_params import SamplingParams
 
 def test_an_all_greedy_batch_builds_no_tensors_and_takes_the_argmax():
     seqs = [Sequence(f"r{i}", [1, 2, 3], SamplingParams(temperature=0.0)) for i in range(3)]
-    batch = SamplingBatch.build(seqs, "cpu", [2])
+    batch = sampling_batch(seqs, "cpu", [2])
     assert batch.all_greedy and batch.temperature is None and batch.seeds is None
     logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
     assert torch.equal(Sampler()(logits, batch).token_ids, logits.argmax(dim=-1))
@@ -21,7 +22,7 @@ def test_an_all_greedy_batch_builds_no_tensors_and_takes_the_argmax():
 def test_a_mixed_batch_gets_each_rows_parameters_from_the_packed_copy():
     greedy = Sequence("g", [1, 2], SamplingParams(temperature=0.0), seed=5)
     sampled = Sequence("s", [1, 2, 3], SamplingParams(temperature=0.7, top_k=4, presence_penalty=0.5), seed=9)
-    batch = SamplingBatch.build([greedy, sampled], "cpu", [2])
+    batch = sampling_batch([greedy, sampled], "cpu", [2])
     assert batch.temperature.tolist() == [1.0, torch.tensor(0.7).item()]
     assert batch.is_greedy.tolist() == [True, False]
     assert batch.top_k.tolist() == [0, 4] and batch.seeds.tolist() == [5, 9] and batch.positions.tolist() == [2, 3]

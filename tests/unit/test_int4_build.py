@@ -8,7 +8,8 @@ from int4_checkpoints import write_int4_checkpoint
 from optimum_nvidia_core.build import get_or_build, load_engine
 from optimum_nvidia_core.build import int4_rounding as rounding
 from optimum_nvidia_core.build.calibration import default_calibration_samples, tokenize_samples
-from optimum_nvidia_core.build.int4 import Int4Recipe, apply_awq_scales, build_int4_engine, quantize_model_int4
+from optimum_nvidia_core.build.int4 import Int4Recipe, apply_awq_scales, quantize_model_int4
+from optimum_nvidia_core.build.int4_build import build_int4_engine
 from optimum_nvidia_core.build.scratch_prefill import prefill
 from optimum_nvidia_core.config import EngineConfig
 from optimum_nvidia_core.layers.int4_linear import Int4Linear

@@ -46,6 +46,7 @@ ALLOWED = {
     # The sampler reads the engine's Sequence objects (a type-only import): the persistent-batch work gives it
     # plain per-row arrays.
     ("optimum_nvidia_core.layers.sampler", "optimum_nvidia_core.engine.sequence"),
+    ("optimum_nvidia_core.layers.sampling_table", "optimum_nvidia_core.engine.sequence"),
 }
 
 

@@ -10,6 +10,7 @@ from optimum_nvidia_core.layers.rejection_sampler import (
     RejectionSampler, accept, expand_for_verify, greedy_verify,
 )
 from optimum_nvidia_core.layers.sampler import Sampler, SamplingBatch
+from optimum_nvidia_core.layers.sampling_table import sampling_batch
 from optimum_nvidia_core.sampling_params import SamplingParams
 
 VOCAB, EOS = 8, 7
@@ -30,7 +31,7 @@ class ToyModel:
 def plain_decode(model, seq, steps):
     sampler = Sampler()
     for _ in range(steps):
-        batch = SamplingBatch.build([seq], "cpu", [EOS])
+        batch = sampling_batch([seq], "cpu", [EOS])
         seq.append_token(sampler(model(seq.token_ids)[None, :], batch).token_ids.item())
     return seq.output_token_ids
 
@@ -42,7 +43,7 @@ def speculative_decode(model, seq, steps, k):
         proposal = proposer.propose(seq.token_ids, max_tokens=steps - seq.num_output_tokens - 1).tolist()
         draft = torch.tensor([proposal + [-1] * (k - len(proposal))])
         logits = torch.stack([model(seq.token_ids + proposal[:j]) for j in range(k + 1)])[None]  # [1, k+1, V]
-        batch = expand_for_verify(SamplingBatch.build([seq], "cpu", [EOS]), draft)
+        batch = expand_for_verify(sampling_batch([seq], "cpu", [EOS]), draft)
         out = verifier(logits, draft, batch)
         for token in out.token_ids[0, : out.num_emitted.item()].tolist():
             seq.append_token(token)
@@ -107,7 +108,7 @@ def test_sampled_verification_keeps_the_target_distribution():
     x, y = 3, 1
     seqs = [Sequence("r", [0, 1, 2], SamplingParams(temperature=temperature), seed=s) for s in range(rows)]
     draft = torch.tensor([[x, y]]).repeat(rows, 1)
-    batch = expand_for_verify(SamplingBatch.build(seqs, "cpu", [EOS]), draft)
+    batch = expand_for_verify(sampling_batch(seqs, "cpu", [EOS]), draft)
     out = RejectionSampler()(logits.repeat(rows, 1, 1), draft, batch)
     first = out.token_ids[:, 0]
     assert abs((first == x).double().mean().item() - p[0, x].item()) < 0.01
@@ -137,13 +138,13 @@ def test_seeded_rows_draw_what_plain_decoding_draws_at_each_position():
     logits = torch.randn(3, 5, 9, generator=torch.Generator().manual_seed(2))
     seqs = [Sequence("r", list(range(3 + i)), SamplingParams(temperature=1.0), seed=100 + i) for i in range(3)]
     draft = torch.full((3, 4), -1)
-    batch = expand_for_verify(SamplingBatch.build(seqs, "cpu", [EOS]), draft)
+    batch = expand_for_verify(sampling_batch(seqs, "cpu", [EOS]), draft)
     target = Sampler()(logits.reshape(15, 9), batch).token_ids.view(3, 5)
     for i, seq in enumerate(seqs):
         for j in range(5):
             if j:
                 seq.append_token(0)  # only the count matters for the draw
-            alone = Sampler()(logits[i, j][None], SamplingBatch.build([seq], "cpu", [EOS])).token_ids.item()
+            alone = Sampler()(logits[i, j][None], sampling_batch([seq], "cpu", [EOS])).token_ids.item()
             assert target[i, j].item() == alone
 
 
@@ -151,7 +152,7 @@ def test_a_grammar_mask_cannot_be_expanded_silently():
     from optimum_nvidia_core.layers.token_bitmask import TokenBitmask
 
     seqs = [Sequence("r", [1, 2], SamplingParams(temperature=0.0))]
-    batch = SamplingBatch.build(seqs, "cpu", [EOS])
+    batch = sampling_batch(seqs, "cpu", [EOS])
     batch.token_bitmask = object.__new__(TokenBitmask)
     with pytest.raises(ValueError, match="grammar mask"):
         expand_for_verify(batch, torch.tensor([[1, 2]]))

@@ -8,6 +8,7 @@ from optimum_nvidia_core.engine.sequence import Sequence
 from optimum_nvidia_core.layers.sampler import (
     Sampler, SamplingBatch, apply_min_p, apply_penalties, apply_top_k_top_p, draw_from, seeded_uniform,
 )
+from optimum_nvidia_core.layers.sampling_table import sampling_batch
 from optimum_nvidia_core.layers.token_bitmask import TokenBitmask
 from optimum_nvidia_core.sampling_params import SamplingParams
 
@@ -22,7 +23,7 @@ def seq(prompt=(1, 2, 3), output=(), seed=None, **params):
 
 
 def sample(logits, seqs, **kwargs):
-    batch = SamplingBatch.build(seqs, "cpu", [EOS], **kwargs)
+    batch = sampling_batch(seqs, "cpu", [EOS], **kwargs)
     return Sampler()(logits, batch)
 
 
@@ -107,7 +108,7 @@ def test_unseeded_sequences_differ_and_seeded_ones_repeat():
 def test_penalties_match_a_hand_computation():
     logits = torch.tensor([[1.0, -1.0, 2.0, -2.0, 0.5, 3.0]])
     s = seq(prompt=[1, 2], output=[2, 3, 3], repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
-    got = apply_penalties(logits, SamplingBatch.build([s], "cpu"))[0]
+    got = apply_penalties(logits, sampling_batch([s], "cpu"))[0]
     expected = [1.0, -1.0 * 2, 2.0 / 2, -2.0 * 2, 0.5, 3.0]  # repetition over prompt + output: tokens 1, 2, 3
     expected[2] -= 0.25 * 1 + 0.5  # token 2 once in the output
     expected[3] -= 0.25 * 2 + 0.5  # token 3 twice

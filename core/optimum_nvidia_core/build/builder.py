@@ -109,10 +109,6 @@ def prepare_build(model_dir: Path, config) -> tuple[object, dict]:
     """Materialize the calibration samples (read an iterator once) and compute the manifest.
 
     Returns (config with calibration_dataset = the chosen samples, manifest)."""
-    if getattr(config, "quantization", None) == "int4":  # INT4 weights: build/int4.py's recipe and manifest
-        from optimum_nvidia_core.build.int4 import prepare_int4_build
-
-        return prepare_int4_build(model_dir, config)
     recipe = Fp8Recipe.from_config(config)
     samples = None
     if recipe.needs_calibration:

@@ -29,7 +29,10 @@ def get_or_build(model_dir: Path, config, build_fn: Callable | None = None, cach
     data already materialized as a list, so an iterator given by the user is read only once.
     """
     build_fn = build_fn or build_fp8_engine
-    config, manifest = prepare_build(Path(model_dir), config)
+    prepare = prepare_build
+    if getattr(config, "quantization", None) == "int4":  # INT4 weights: their own recipe and manifest
+        from optimum_nvidia_core.build.int4_build import prepare_int4_build as prepare
+    config, manifest = prepare(Path(model_dir), config)
     key = engine_dir.cache_key(manifest["identity"])
     root = Path(cache_root) if cache_root is not None else engine_cache_root()
     final_dir = root / key

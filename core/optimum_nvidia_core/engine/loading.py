@@ -95,7 +95,7 @@ def _int4_build(model_dir: Path, config: EngineConfig):
                          "quantization='int4', kv_cache_dtype='fp8'.")
     if prequantized is not None or config.quantization != "int4":
         return None
-    from ..build.int4 import build_int4_engine
+    from ..build.int4_build import build_int4_engine
 
     return build_int4_engine
 

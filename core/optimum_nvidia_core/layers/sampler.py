@@ -51,24 +51,6 @@ class SamplingBatch:
     any_min_p: bool = False
     num_logprobs: tuple[int | None, ...] = ()  # per row: top-N logprobs asked for, or None
 
-    @classmethod
-    def build(
-        cls,
-        seqs: list["Sequence"],
-        device: torch.device | str,
-        eos_token_ids: list[int] | tuple[int, ...] = (),
-        token_bitmask: TokenBitmask | None = None,
-    ) -> "SamplingBatch":
-        """The batch of `seqs`, each sampling its next token. (The engine keeps a persistent SamplingTable and
-        calls its ``batch`` directly; this builds a throw-away one.)"""
-        from optimum_nvidia_core.layers.sampling_table import SamplingTable
-
-        table = SamplingTable(len(seqs))
-        for row, seq in enumerate(seqs):
-            table.write(row, seq, eos_token_ids)
-        positions = np.array([seq.num_tokens for seq in seqs], dtype=np.int64)
-        return table.batch(np.arange(len(seqs)), positions, seqs, device, token_bitmask)
-
 
 @dataclass
 class SamplerOutput:

@@ -93,3 +93,14 @@ class SamplingTable:
         if penalizes:
             batch.output_token_ids = padded_ids([seq.output_token_ids for seq in seqs], device)
         return batch
+
+
+def sampling_batch(seqs: list["Sequence"], device: torch.device | str, eos_token_ids: Seq[int] = (),
+                   token_bitmask: "TokenBitmask | None" = None) -> "SamplingBatch":
+    """The batch of `seqs`, each sampling its next token, from a throw-away table (the engine keeps a persistent
+    SamplingTable and calls its ``batch`` directly)."""
+    table = SamplingTable(len(seqs))
+    for row, seq in enumerate(seqs):
+        table.write(row, seq, eos_token_ids)
+    positions = np.array([seq.num_tokens for seq in seqs], dtype=np.int64)
+    return table.batch(np.arange(len(seqs)), positions, seqs, device, token_bitmask)
