@@ -12,6 +12,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+# One tensor in, the ranks' tensors stacked along dim 0 out (torch >= 2.13 renamed all_gather_into_tensor).
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def vocab_rows(full_weight: torch.Tensor, rows: slice) -> nn.Parameter:
     """Rows `rows` of a [vocab, H] matrix, zero rows where they pass the end of the vocab."""
@@ -51,7 +54,8 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = F.linear(hidden, self.weight).float()  # [N, vocab_per_rank]
-        gathered = torch.empty((self.world_size, *local.shape), dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(gathered, local, group=self.group)
-        # [ranks, N, V/ranks] -> [N, padded vocab] -> the real vocab
-        return gathered.permute(1, 0, 2).reshape(local.shape[0], -1)[:, : self.vocab_size]
+        rows = local.shape[0]
+        gathered = torch.empty((self.world_size * rows, local.shape[1]), dtype=local.dtype, device=local.device)
+        _all_gather(gathered, local.contiguous(), group=self.group)
+        # [ranks * N, V/ranks] -> [N, padded vocab] -> the real vocab
+        return gathered.view(self.world_size, rows, -1).permute(1, 0, 2).reshape(rows, -1)[:, : self.vocab_size]

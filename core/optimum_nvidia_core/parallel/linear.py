@@ -7,8 +7,10 @@ products are summed over the ranks by ONE all-reduce, then the bias is added onc
 Each sharded class subclasses the layer it shards (Linear / Fp8Linear), so everything that recognizes those
 (the FP8 input-quantization fusion of norms and SiLU*mul, ``extra_repr``) still does. FP8: the per-output-channel
 weight scales are cut with their rows (column-parallel) or kept whole (row-parallel: the rows are all there); a
-static input scale is the same on every rank. A dynamic per-token input scale of a row-parallel layer is its
-shard's absmax, finer than one rank's would be, so FP8 logits match tensor_parallel_size=1 to a tolerance only.
+static input scale is the same on every rank. A dynamic per-token input scale of a row-parallel layer (down_proj
+in the default recipe) is the absmax of the WHOLE row: each rank's row absmax, then an all-reduce (max) of those
+[T] scales, so every rank quantizes exactly as tensor_parallel_size=1 does. (Each shard's own absmax would be a
+different quantization: on tiny models it changed greedy tokens.)
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.fp8_linear import Fp8Linear
+from .. import layers
+from ..e4m3 import absmax_scale, quantize_fp8
+from ..layers.fp8_linear import Fp8Activation, Fp8Linear
 from ..layers.linear import Linear
 
 
@@ -118,9 +122,26 @@ class RowParallelFp8Linear(Fp8Linear):
             module.reduced_bias = full.bias.detach().clone()
         return module
 
-    def forward(self, x):
-        out = _all_reduce(super().forward(x), self.group)
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        # x [..., in / N] (this rank's slice) -> [..., out], the same on every rank
+        dynamic = self.input_scale is None and not isinstance(x, Fp8Activation)
+        out = self._dynamic_forward(x) if dynamic else super().forward(x)
+        out = _all_reduce(out, self.group)
         return out if self.reduced_bias is None else out + self.reduced_bias.to(out.dtype)
+
+    def _dynamic_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token scales of the whole row (max over the ranks), then this rank's partial GEMM."""
+        shape = x.shape
+        x2d = x.reshape(-1, self.in_features)  # [T, in / N]
+        scale = absmax_scale(x2d, dim=1)  # [T, 1]
+        dist.all_reduce(scale, op=dist.ReduceOp.MAX, group=self.group)
+        x_q = quantize_fp8(x2d, scale)
+        kernels = layers.cuda_kernels() if x.is_cuda else None
+        if kernels is not None:
+            out = kernels.fp8_gemm(x_q, scale.reshape(-1), self.weight, self.weight_scale, None, out_dtype=x.dtype)
+        else:
+            out = self._reference_forward(x_q, scale, x.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
 
 
 def column_parallel(full: nn.Module, parts: list[slice]) -> nn.Module:
