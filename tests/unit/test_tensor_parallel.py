@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from optimum_nvidia_core.models.loader import load_model
-from optimum_nvidia_core.parallel import (MULTICAST_OFF, RankFailed, init_rank, join_ranks, plan_split, shard_model,
-                                          spawn_ranks, valid_sizes)
+from optimum_nvidia_core.parallel import (MULTICAST_OFF, RankFailed, init_rank, join_ranks, load_shard, plan_split,
+                                          shard_model, spawn_ranks, valid_sizes)
 from optimum_nvidia_core.parallel.split import ModelShape
 from tiny_models import write_tiny_checkpoint
 
@@ -96,14 +96,19 @@ def _to_fp8(model) -> None:
             setattr(parent, name, Fp8Linear.from_linear(getattr(parent, name), absmax))
 
 
-def _greedy(model_dir: Path, fp8: bool, rank: int = 0, world_size: int = 1) -> dict:
-    """Prefill both PROMPTS in one step, then DECODE_STEPS greedy decode steps of both."""
+def _greedy(model_dir: Path, how: str, rank: int = 0, world_size: int = 1) -> dict:
+    """Load ("full": then shard; "fp8": quantize, then shard; "streamed": load_shard), then prefill both PROMPTS
+    in one step and run DECODE_STEPS greedy decode steps of both."""
     from conftest import PagedRunner
 
-    model = load_model(model_dir, torch.float32, "cpu")
-    if fp8:
-        _to_fp8(model)
-    runner = PagedRunner(shard_model(model, rank, world_size), num_blocks=32, block_size=4)
+    if how == "streamed":
+        model = load_shard(model_dir, torch.float32, "cpu", rank, world_size)
+    else:
+        model = load_model(model_dir, torch.float32, "cpu")
+        if how == "fp8":
+            _to_fp8(model)
+        model = shard_model(model, rank, world_size)
+    runner = PagedRunner(model, num_blocks=32, block_size=4)
     last_rows = torch.tensor([len(p) for p in PROMPTS]).cumsum(0) - 1
     logits = [runner.step([(i, p) for i, p in enumerate(PROMPTS)])[last_rows]]
     for _ in range(DECODE_STEPS):
@@ -118,37 +123,42 @@ def _rank_runs(rank: int, world_size: int, init_method: str, cases: list, out_di
     import torch.distributed as dist
 
     init_rank(rank, world_size, init_method, "gloo", timeout_s=30)
-    results = {name: _greedy(Path(path), fp8, rank, world_size) for name, path, fp8 in cases}
+    results = {name: _greedy(Path(path), how, rank, world_size) for name, path, how in cases}
     results["environment"] = {name: os.environ.get(name) for name in MULTICAST_OFF}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-# name -> (family, config overrides, fp8)
+# name -> (family, config overrides, how the rank loads it: see _greedy)
 TWO_RANKS = {
-    "llama2": ("llama2", {}, False),  # 4 KV heads: 2 per rank
-    "llama3": ("llama3", {}, False),  # 2 KV heads: 1 per rank
-    "llama3_one_kv_head": ("llama3", dict(num_key_value_heads=1), False),  # replicated on both ranks
-    "llama_bias": ("llama_bias", {}, False),  # row-parallel biases, added once
-    "mistral": ("mistral", {}, False),  # sliding window 8 < the prompt
-    "qwen2": ("qwen2", {}, False),  # q/k/v biases
-    "smollm2": ("smollm2", {}, False),  # tied embeddings
-    "llama3_fp8": ("llama3", {}, True),
+    "llama2": ("llama2", {}, "full"),  # 4 KV heads: 2 per rank
+    "llama3": ("llama3", {}, "full"),  # 2 KV heads: 1 per rank
+    "llama3_one_kv_head": ("llama3", dict(num_key_value_heads=1), "full"),  # replicated on both ranks
+    "llama_bias": ("llama_bias", {}, "full"),  # row-parallel biases, added once
+    "mistral": ("mistral", {}, "full"),  # sliding window 8 < the prompt
+    "qwen2": ("qwen2", {}, "full"),  # q/k/v biases
+    "smollm2": ("smollm2", {}, "full"),  # tied embeddings
+    "llama3_fp8": ("llama3", {}, "fp8"),
+    "llama_bias_streamed": ("llama_bias", {}, "streamed"),
+    "llama3_one_kv_head_streamed": ("llama3", dict(num_key_value_heads=1), "streamed"),
 }
-THREE = dict(hidden_size=96, num_attention_heads=6, intermediate_size=192, vocab_size=511)  # vocab padded to 513: 171 a rank
+# 6 heads, 192 intermediate over 3 ranks; the vocab (511) padded to 513: 171 rows a rank
+THREE = dict(hidden_size=96, num_attention_heads=6, intermediate_size=192, vocab_size=511)
 THREE_RANKS = {
-    "llama3": ("llama3", dict(THREE, num_key_value_heads=3), False),
-    "qwen2": ("qwen2", dict(THREE, num_key_value_heads=3), False),
-    "mistral": ("mistral", dict(THREE, num_key_value_heads=3), False),
-    "smollm2": ("smollm2", dict(THREE, num_key_value_heads=1), False),  # one KV head on 3 ranks, tied
-    "qwen2_fp8": ("qwen2", dict(THREE, num_key_value_heads=3), True),
+    "llama3": ("llama3", dict(THREE, num_key_value_heads=3), "full"),
+    "qwen2": ("qwen2", dict(THREE, num_key_value_heads=3), "full"),
+    "mistral": ("mistral", dict(THREE, num_key_value_heads=3), "full"),
+    "smollm2": ("smollm2", dict(THREE, num_key_value_heads=1), "full"),  # one KV head on 3 ranks, tied
+    "qwen2_fp8": ("qwen2", dict(THREE, num_key_value_heads=3), "fp8"),
+    "smollm2_streamed": ("smollm2", dict(THREE, num_key_value_heads=1), "streamed"),
+    "llama3_streamed": ("llama3", dict(THREE, num_key_value_heads=3), "streamed"),
 }
 
 
 @pytest.mark.parametrize("world_size, cases", [(2, TWO_RANKS), (3, THREE_RANKS)], ids=["tp2", "tp3"])
 def test_sharded_greedy_decode_equals_one_rank(world_size, cases, tmp_path):
-    checkpoints = [(name, write_tiny_checkpoint(tmp_path / name, family, seed=1, **overrides)[0], fp8)
-                   for name, (family, overrides, fp8) in cases.items()]
+    checkpoints = [(name, write_tiny_checkpoint(tmp_path / name, family, seed=1, **overrides)[0], how)
+                   for name, (family, overrides, how) in cases.items()]
     environment = dict(os.environ)
     context = spawn_ranks(_rank_runs, world_size, (world_size, f"file://{tmp_path / 'rendezvous'}",
                                                    [(n, str(p), f) for n, p, f in checkpoints], str(tmp_path)))
@@ -157,11 +167,11 @@ def test_sharded_greedy_decode_equals_one_rank(world_size, cases, tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     for rank in ranks:
         assert rank.pop("environment") == MULTICAST_OFF
-    for name, path, fp8 in checkpoints:
-        expected = _greedy(path, fp8)
+    for name, path, how in checkpoints:
+        expected = _greedy(path, "fp8" if how == "fp8" else "full")  # one rank: the model as loaded today
         for rank in ranks:
             assert rank[name]["tokens"].tolist() == expected["tokens"].tolist(), name
-            tolerance = 1e-3 if fp8 else 1e-4
+            tolerance = 1e-3 if how == "fp8" else 1e-4
             torch.testing.assert_close(rank[name]["logits"], expected["logits"], atol=tolerance, rtol=tolerance,
                                        msg=name)
         num_kv_heads = cases[name][1].get("num_key_value_heads", 4 if cases[name][0] == "llama2" else 2)

@@ -16,13 +16,13 @@ from torch import nn
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def vocab_rows(full_weight: torch.Tensor, rows: slice) -> nn.Parameter:
+def vocab_rows(full_weight: torch.Tensor, rows: slice) -> torch.Tensor:
     """Rows `rows` of a [vocab, H] matrix, zero rows where they pass the end of the vocab."""
     weight = full_weight.detach()
     shard = torch.zeros(rows.stop - rows.start, weight.shape[1], dtype=weight.dtype, device=weight.device)
     kept = weight[rows.start:min(rows.stop, weight.shape[0])]
     shard[: kept.shape[0]] = kept
-    return nn.Parameter(shard, requires_grad=False)
+    return shard
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -115,14 +115,23 @@ class SplitPlan:
         """Rows of the PADDED vocab that the rank holds (rows past vocab_size are padding)."""
         return slice(rank * self.vocab_per_rank, (rank + 1) * self.vocab_per_rank)
 
+    def q_rows(self, rank: int) -> slice:
+        """Rows of q_proj (one checkpoint tensor) that the rank keeps."""
+        d, q = self.shape.head_dim, self.query_heads(rank)
+        return slice(q.start * d, q.stop * d)
+
+    def kv_rows(self, rank: int) -> slice:
+        """Rows of k_proj (and of v_proj) that the rank keeps."""
+        d, kv = self.shape.head_dim, self.kv_heads(rank)
+        return slice(kv.start * d, kv.stop * d)
+
     def qkv_rows(self, rank: int) -> list[slice]:
         """Row slices of the fused qkv_proj weight ([q | k | v] rows) that the rank keeps, in q, k, v order."""
-        d, q_size = self.shape.head_dim, self.shape.num_heads * self.shape.head_dim
-        kv_size = self.shape.num_kv_heads * d
-        q, kv = self.query_heads(rank), self.kv_heads(rank)
-        return [slice(q.start * d, q.stop * d),
-                slice(q_size + kv.start * d, q_size + kv.stop * d),
-                slice(q_size + kv_size + kv.start * d, q_size + kv_size + kv.stop * d)]
+        q_size = self.shape.num_heads * self.shape.head_dim
+        kv_size = self.shape.num_kv_heads * self.shape.head_dim
+        q, kv = self.q_rows(rank), self.kv_rows(rank)
+        return [q, slice(q_size + kv.start, q_size + kv.stop),
+                slice(q_size + kv_size + kv.start, q_size + kv_size + kv.stop)]
 
     def gate_up_rows(self, rank: int) -> list[slice]:
         """Row slices of the fused gate_up_proj weight ([gate | up] rows) that the rank keeps."""
@@ -130,8 +139,7 @@ class SplitPlan:
         return [part, slice(inter + part.start, inter + part.stop)]
 
     def o_proj_columns(self, rank: int) -> slice:
-        d, q = self.shape.head_dim, self.query_heads(rank)
-        return slice(q.start * d, q.stop * d)
+        return self.q_rows(rank)  # o_proj reads the attention output of the rank's query heads
 
 
 def plan_split(config: Any, tensor_parallel_size: int) -> SplitPlan:
