@@ -96,11 +96,24 @@ def _to_fp8(model) -> None:
             setattr(parent, name, Fp8Linear.from_linear(getattr(parent, name), absmax))
 
 
+def _tests_conftest():
+    """tests/conftest.py, loaded by path: a spawned rank that imported it by name could get tests/gpu/conftest.py
+    (both are named "conftest" on sys.path)."""
+    import importlib.util
+    import sys
+
+    name = "_tensor_parallel_tests_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "conftest.py")
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def _greedy(model_dir: Path, how: str, rank: int = 0, world_size: int = 1) -> dict:
     """Load ("full": then shard; "fp8": quantize, then shard; "streamed": load_shard), then prefill both PROMPTS
     in one step and run DECODE_STEPS greedy decode steps of both."""
-    from conftest import PagedRunner
-
+    PagedRunner = _tests_conftest().PagedRunner
     if how == "streamed":
         model = load_shard(model_dir, torch.float32, "cpu", rank, world_size)
     else:
