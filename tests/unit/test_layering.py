@@ -33,6 +33,8 @@ LAYERS = [
     # a schema compiles).
     ("grammar", ("guided",)),
     ("build", ("build",)),
+    # Tensor parallelism shards the model's layers; the engine will start the ranks.
+    ("parallel", ("parallel",)),
     ("model", ("models",)),
     ("layers", ("layers",)),
     ("kernels", ("kernels",)),
