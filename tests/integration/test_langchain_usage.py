@@ -6,27 +6,13 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_core.tools import tool
-from pydantic import BaseModel, Field
 
 from langchain_optimum_nvidia import ChatOptimumNvidia, OptimumNvidia
 from optimum_nvidia_core.hub import DEFAULT_MODEL
+from langchain_tools import City, get_weather
 
 # Greedy decoding of a 135M model loops on repeated phrases; a frequency penalty (output tokens only) stops that.
 OPTIONS = {"model": DEFAULT_MODEL, "temperature": 0, "frequency_penalty": 0.6, "device": "cpu"}
-
-
-@tool
-def get_weather(city: str) -> str:
-    """Get the current weather in a city."""
-    return f"It is sunny and 24 degrees Celsius in {city}."
-
-
-class City(BaseModel):
-    """A city and the country it is in."""
-
-    name: str = Field(description="the city's name")
-    country: str = Field(description="the country the city is in")
 
 
 @pytest.fixture(scope="module")

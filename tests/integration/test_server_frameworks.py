@@ -3,27 +3,13 @@ from __future__ import annotations
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from langchain_core.tools import tool
-from pydantic import BaseModel, Field
 
 from live_server import LiveServer
 from optimum_nvidia_core.hub import DEFAULT_MODEL
 from optimum_nvidia_core.server.local_engine import LocalEngine
+from langchain_tools import City, get_weather
 
 KEY = "sk-frameworks"
-
-
-@tool
-def get_weather(city: str) -> str:
-    """Get the current weather in a city."""
-    return f"It is sunny and 24 degrees Celsius in {city}."
-
-
-class City(BaseModel):
-    """A city and the country it is in."""
-
-    name: str = Field(description="the city's name")
-    country: str = Field(description="the country the city is in")
 
 
 @pytest.fixture(scope="module")

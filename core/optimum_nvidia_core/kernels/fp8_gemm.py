@@ -190,7 +190,7 @@ def _launch(x_q, x_scale, weight, weight_scale, bias, out_dtype, config: GemmCon
         return result if out is None else out.copy_(result)
     out = torch.empty(m, n, dtype=out_dtype, device=x_q.device) if out is None else out
     split = config.split_k
-    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x_q.device)
+    target = split_k_target(out, split)
     grid = (triton.cdiv(n, config.block_n), split, triton.cdiv(m, config.block_m))
     bias_arg = bias if bias is not None else weight_scale  # unread without bias
     _fp8_gemm_kernel[grid](
@@ -199,11 +199,22 @@ def _launch(x_q, x_scale, weight, weight_scale, bias, out_dtype, config: GemmCon
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    return finish_split_k(target, bias_arg, out, bias is not None, split)
+
+
+def split_k_target(out: torch.Tensor, split: int) -> torch.Tensor:
+    """Where a GEMM of ``split`` K-slices writes: ``out`` itself, or fp32 partials [split, M, N] to be summed."""
+    return out if split == 1 else torch.empty(split, *out.shape, dtype=torch.float32, device=out.device)
+
+
+def finish_split_k(target: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, has_bias: bool,
+                   split: int) -> torch.Tensor:
+    """Sum the split-K partials (plus the bias, which the split kernels leave out) into ``out`` [M, N]."""
     if split > 1:
+        m, n = out.shape
         block = 256
         _split_k_reduce_kernel[(triton.cdiv(n, block), m)](
-            target, bias_arg, out, m, n, out.stride(0), HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
-            num_warps=4,
+            target, bias, out, m, n, out.stride(0), HAS_BIAS=has_bias, SPLIT_K=split, BLOCK=block, num_warps=4,
         )
     return out
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from optimum_nvidia_core.kernels.fp8_gemm import _graph_time, _split_k_reduce_kernel, m_bucket
+from optimum_nvidia_core.kernels.fp8_gemm import _graph_time, finish_split_k, m_bucket, split_k_target
 
 
 class Int4Config(NamedTuple):
@@ -196,7 +196,7 @@ def _launch(x, qweight, scales, zeros, bias, config: Int4Config) -> torch.Tensor
         return out if bias is None else out + bias.to(x.dtype)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     split = config.split_k
-    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    target = split_k_target(out, split)
     grid = (triton.cdiv(n, config.block_n), split, triton.cdiv(m, config.block_m))
     bias_arg = bias if bias is not None else scales  # unread without bias
     _int4_gemm_kernel[grid](
@@ -205,10 +205,4 @@ def _launch(x, qweight, scales, zeros, bias, config: Int4Config) -> torch.Tensor
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, RESHAPE=config.reshape,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if split > 1:
-        block = 256
-        _split_k_reduce_kernel[(triton.cdiv(n, block), m)](
-            target, bias_arg, out, m, n, out.stride(0), HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block,
-            num_warps=4,
-        )
-    return out
+    return finish_split_k(target, bias_arg, out, bias is not None, split)
