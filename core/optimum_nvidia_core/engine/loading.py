@@ -68,6 +68,8 @@ def load(config: EngineConfig) -> LoadedModel:
             model_dir = engine_dir
         else:
             model = load_model(model_dir, dtype, device, allow_pickle=config.allow_pickle_weights)
+    if device.type == "cuda":  # part of building the model for the GPU: norms write the next FP8 linear's input
+        model.fuse_fp8_input_quantization()
     hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     limit = int(getattr(hf_config, "max_position_embeddings", 4096))

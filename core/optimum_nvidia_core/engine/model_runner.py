@@ -56,8 +56,6 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._blocks_that_fit()
         self._allocate_kv_cache()
         self.sampler = Sampler()
-        if device.type == "cuda" and hasattr(model, "fuse_fp8_input_quantization"):
-            model.fuse_fp8_input_quantization()
         self.graphs = self._maybe_graphs()
         self.input_batch = InputBatch(config.max_batch_size, self.max_blocks_per_seq, self.block_size,
                                       config.max_num_tokens, eos_token_ids, device)
