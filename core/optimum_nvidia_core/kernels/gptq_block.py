@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = tl.constexpr(448.0)
+from optimum_nvidia_core import e4m3
+
+FP8_MAX = tl.constexpr(e4m3.FP8_MAX)
 
 
 @triton.jit

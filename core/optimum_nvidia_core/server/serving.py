@@ -134,7 +134,7 @@ class OpenAIServing:
                     yield {**head, "choices": [choice]}
         finally:
             for stream in streams:
-                stream.close()
+                await stream.aclose()
         if timer is not None:
             timer.finish(usage)
         if req.stream:
