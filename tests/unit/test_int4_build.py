@@ -142,13 +142,14 @@ def test_llm_int4_generates_and_reloads_from_cache(tiny_dir, tmp_path, monkeypat
     options = dict(quantization="int4", int4_method="rtn", device="cpu", max_batch_size=4, max_num_tokens=64)
     llm = LLM(str(tiny_dir), **options)
     first = llm.generate(["Paris is the capital of"], params)[0]
-    assert isinstance(llm.engine.loaded.model.model.layers[0].mlp.gate_up_proj, Int4Linear)
     llm.shutdown()
-    engines = sorted((tmp_path / "cache" / "engines").iterdir())
+    engines = sorted(p for p in (tmp_path / "cache" / "engines").iterdir() if p.is_dir())
+    assert [_recipe(e)["quantization"] for e in engines] == ["int4"]  # what the engine core loaded
     llm = LLM(str(tiny_dir), **options)  # a fresh engine: loaded from the cache, not rebuilt
     assert llm.generate(["Paris is the capital of"], params)[0].token_ids == first.token_ids
     llm.shutdown()
-    assert sorted((tmp_path / "cache" / "engines").iterdir()) == engines and len(first.token_ids) == 8
+    assert sorted(p for p in (tmp_path / "cache" / "engines").iterdir() if p.is_dir()) == engines
+    assert len(first.token_ids) == 8
 
 
 def test_llm_loads_awq_checkpoint_and_refuses_fp8_on_it(tmp_path):
@@ -157,14 +158,21 @@ def test_llm_loads_awq_checkpoint_and_refuses_fp8_on_it(tmp_path):
     write_int4_checkpoint(tmp_path / "awq", tmp_path / "ref", "awq")
     write_tiny_tokenizer(tmp_path / "awq")
     llm = LLM(str(tmp_path / "awq"), device="cpu", max_batch_size=2, max_num_tokens=64)
-    assert isinstance(llm.engine.loaded.model.model.layers[0].self_attn.qkv_proj, Int4Linear)
     params = SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0)
     out = llm.generate(["Hello"], params)[0]
     assert len(out.token_ids) == 4
     engine_dir = llm.save(tmp_path / "engine")  # a loaded AWQ checkpoint saves as an INT4 engine
     llm.shutdown()
+    assert _recipe(engine_dir)["quantization"] == "int4"  # the engine core loaded Int4Linear modules
     llm = LLM(str(engine_dir), device="cpu", max_batch_size=2, max_num_tokens=64)
     assert llm.generate(["Hello"], params)[0].token_ids == out.token_ids
     llm.shutdown()
     with pytest.raises(ValueError, match="AWQ INT4 checkpoint"):
         LLM(str(tmp_path / "awq"), use_fp8=True, device="cpu")
+
+
+def _recipe(engine_dir) -> dict:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(engine_dir) / "manifest.json").read_text())["identity"]["recipe"]
