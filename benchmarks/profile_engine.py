@@ -123,9 +123,10 @@ def profile(ckpt: Path, options: dict, vocab: int, compiles: list) -> dict:
     rng = random.Random(0)
     prompts = lambda n, length: [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
     greedy = lambda n: SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0)
-    llm = LLM(str(ckpt), device="cuda", max_batch_size=256, **options)
+    # The probe wraps the engine core's methods: the core runs on a thread of this process for it.
+    llm = LLM(str(ckpt), device="cuda", max_batch_size=256, engine_process=False, **options)
     llm.generate(prompts(4, 64), greedy(8))  # warm-up
-    probe = Probe(llm.engine)
+    probe = Probe(llm._worker.client.core)
     served_from = len(compiles)
     result = {}
     for n in (128, 512, 2048):
