@@ -11,12 +11,8 @@ tuples of picklable values:
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
-from .interface import EngineCoreOutput
-
-logger = logging.getLogger(__name__)
 
 # What a caller may run on the core between two steps (``LLM.stats``, ``perplexity``, ``save``).
 CALLABLE = frozenset({"stats", "perplexity", "save", "info"})
@@ -62,7 +58,3 @@ def execute(core: Any, command: tuple, send: Send) -> bool:
     elif kind == "stop":
         return False
     return True
-
-
-def failure(request_id: str, message: str) -> EngineCoreOutput:
-    return EngineCoreOutput(request_id, finish_reason="error", error=message)
