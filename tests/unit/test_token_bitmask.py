@@ -1,5 +1,5 @@
 """layers/token_bitmask.py on the CPU: xgrammar's packed layout, unpacked and applied to the logits (the same torch
-code runs on the GPU; tests/gpu/test_token_bitmask.py compares the two)."""
+code runs on the GPU; tests/gpu/test_token_bitmask_gpu.py compares the two)."""
 from __future__ import annotations
 
 import numpy as np
