@@ -50,7 +50,8 @@ def test_gptq_on_gpu_is_as_good_as_on_cpu():
 
     codes_gpu, scale_gpu = gptq_quantize_weight(weight.cuda(), hessian.cuda())
     codes_cpu, scale_cpu = gptq_quantize_weight(weight, hessian)
-    assert torch.equal(scale_gpu.cpu(), scale_cpu)
+    # CUDA divides by a scalar as a multiply by its reciprocal: scales may differ in the last bit, no more.
+    torch.testing.assert_close(scale_gpu.cpu(), scale_cpu, rtol=1e-6, atol=0)
     # Cholesky and the trailing matmuls sum in another order on the GPU, and one code that lands on the neighbouring
     # e4m3 value changes the errors pushed onto every later column: compare the rounding's quality, not its codes.
     gpu, cpu, nearest = output_error(codes_gpu, scale_gpu), output_error(codes_cpu, scale_cpu), \
