@@ -1,7 +1,9 @@
 """Ray Serve scale-out on the CPU: a local Ray instance, two SmolLM2 replicas behind the OpenAI ingress, session
-affinity observed (each agent's turns land on one replica and hit its prefix cache), both replicas used."""
+affinity observed (each agent's turns land on one replica and hit its prefix cache), both replicas used, and the
+ingress's /metrics carries each replica's KV-cache gauges."""
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -57,3 +59,14 @@ def test_two_replicas_keep_each_agent_on_the_replica_that_caches_its_prefix(ingr
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "wizard", "content": "Hi"}])
+    metrics = httpx.get(ingress.removesuffix("/v1") + "/metrics", timeout=60).text
+    for replica in set(replicas_of_agent.values()):  # every replica's engine, labelled with its id
+        total = _gauge(metrics, "optimum_nvidia_kv_cache_total_blocks", replica)
+        assert total > 0 and _gauge(metrics, "optimum_nvidia_kv_cache_free_blocks", replica) == total  # idle
+        assert _gauge(metrics, "optimum_nvidia_kv_cache_usage_ratio", replica) == 0.0
+    assert 'optimum_nvidia_requests_total{endpoint="chat",status="200"}' in metrics
+
+
+def _gauge(metrics: str, name: str, replica: str) -> float:
+    line = next(line for line in metrics.splitlines() if line.startswith(f'{name}{{replica="{replica}"}}'))
+    return float(line.split()[-1])
