@@ -262,6 +262,8 @@ def main() -> None:
 
         model, vocab = str(write_checkpoint(args.shape, Path(args.work_dir) / args.shape)), SHAPES[args.shape]["vocab_size"]
         clock.done("checkpoint")
+        if gpu:
+            torch.cuda.empty_cache()  # the weights were drawn on the GPU: give the engines that memory back
     concurrency = [int(c) for c in args.concurrency.split(",")]
     options = {"device": args.device, "max_batch_size": max(args.max_batch_size, max(concurrency))}
     options["max_num_tokens"] = max(2048, options["max_batch_size"])

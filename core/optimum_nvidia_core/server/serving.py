@@ -55,7 +55,8 @@ class OpenAIServing:
         params = req.sampling_params()
         head = self._head("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion")
         top = params.logprobs
-        source = self.llm.achat_stream(req.messages, params, tools=req.tools, tool_choice=req.tool_choice)
+        source = self.llm.achat_stream(req.messages, params, tools=req.tools, tool_choice=req.tool_choice,
+                                       parallel_tool_calls=req.parallel_tool_calls is not False)
         async with contextlib.aclosing(source):
             deltas = _timed(source, timer)
             if not req.stream:
