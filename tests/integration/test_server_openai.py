@@ -125,6 +125,9 @@ def test_tool_choice_required_named_none_and_streamed_deltas(client):
     assert not none.choices[0].message.tool_calls and none.choices[0].message.content
     auto = client.chat.completions.create(model=MODEL, messages=PARIS, tools=[WEATHER], max_tokens=40, temperature=0)
     assert auto.choices[0].message.content or auto.choices[0].message.tool_calls
+    one = client.chat.completions.create(model=MODEL, messages=PARIS, tools=[WEATHER], tool_choice="required",
+                                         parallel_tool_calls=False, max_tokens=60, temperature=0)
+    assert len(one.choices[0].message.tool_calls) == 1  # a forced reply then holds exactly one call
 
 
 def test_response_formats_and_parse_with_a_pydantic_model(client):
@@ -297,6 +300,8 @@ def test_metrics_exposition(server, client):
     text = httpx.get(server.base_url + "/metrics").text
     assert 'optimum_nvidia_requests_total{endpoint="chat",status="200"}' in text
     assert 'optimum_nvidia_requests_total{endpoint="chat",status="499"}' in text  # the hang-ups above
+    for status in (400, 401, 404):  # refused before they reached the engine: counted too
+        assert f'optimum_nvidia_requests_total{{endpoint="chat",status="{status}"}}' in text, status
     for name in ("optimum_nvidia_time_to_first_token_seconds_count", "optimum_nvidia_inter_token_latency_seconds_count",
                  "optimum_nvidia_generation_tokens_total", "optimum_nvidia_prompt_tokens_total",
                  "optimum_nvidia_requests_running", "optimum_nvidia_requests_waiting",

@@ -61,10 +61,14 @@ def create_app(engine: Any, *, api_key: str | None = None, max_body_bytes: int =
                            param="model", code="model_not_found")
 
     async def generate(request: Request, endpoint: str, model: type[BaseModel]) -> Response:
-        authorize(request)
-        req = model.model_validate(await read_json(request))
-        check_model(req.model)
-        engine.check_ready()
+        try:
+            authorize(request)
+            req = model.model_validate(await read_json(request))
+            check_model(req.model)
+            engine.check_ready()
+        except (APIError, ValidationError) as exc:  # refused before it started: counted all the same
+            metrics.count(endpoint, getattr(exc, "status", 400))
+            raise
         timer = metrics.start()
         items = getattr(engine, endpoint)(req, timer)
         status = 200
