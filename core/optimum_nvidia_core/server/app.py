@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP app (FastAPI): routes, API key, body limit, SSE framing, disconnects, errors.
 
 ``create_app(engine)`` serves any engine object with ``model_names``, ``start/stop``, ``check_ready``, the
-coroutine ``replica_stats()`` (replica -> its engine's ``stats()``, for /metrics) and the async-generator methods ``chat(req, timer)`` / ``completions(req, timer)``: the in-process
-``LocalEngine``, or the Ray Serve replicas behind ``ray_serve.ReplicaPool`` — one ingress for both.
+coroutine ``replica_stats()`` (replica -> its engine's ``stats()``, for /metrics) and the async-generator methods
+``chat(req, timer)`` / ``completions(req, timer)``: the in-process ``LocalEngine``, or the Ray Serve replicas
+behind ``ray_serve.ReplicaPool`` — one ingress for both.
 """
 from __future__ import annotations
 

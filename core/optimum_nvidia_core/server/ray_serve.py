@@ -7,8 +7,9 @@ request to the replicas through a Serve handle. The router ranks replicas by ren
 session key (the OpenAI ``user`` field, else the conversation's first two messages or the prompt's start), so
 every turn of one agent reaches the replica whose prefix cache holds its history; when that replica is full it
 falls back to the others. For /metrics the pool asks every replica for its engine's ``stats()`` in turn: a
-``stats`` call names the replicas already asked (``skip``) and the router sends it to one not among them. Ray Serve's own LLM ingress (``ray.serve.llm``) needs vLLM or SGLang for its request
-types, which is why our app is the ingress here.
+``stats`` call names the replicas already asked (``skip``) and the router sends it to one not among them.
+Ray Serve's own LLM ingress (``ray.serve.llm``) needs vLLM or SGLang for its request types, which is why our app
+is the ingress here.
 
     serve run optimum_nvidia_core.server.ray_serve:app_builder model=MODEL replicas=2
     python -m optimum_nvidia_core.server.ray_serve MODEL --replicas 2     # the same, plus ray.init()
