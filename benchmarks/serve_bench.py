@@ -1,13 +1,14 @@
 """The HTTP server's cost: the same streaming load through `optimum-nvidia serve` and through the in-process engine.
 
-    PYTHONPATH=core:. python benchmarks/serve_bench.py --shape llama-3-8b --concurrency 64,256 --out results.json
+    PYTHONPATH=core:. python benchmarks/serve_bench.py --shape llama-3-8b --fp8 --concurrency 64,256 --out r.json
     PYTHONPATH=core:. python benchmarks/serve_bench.py --device cpu --concurrency 8 --output-len 16   # CPU smoke
     PYTHONPATH=core:. python benchmarks/serve_bench.py --device cpu --ray-replicas 1,2 --concurrency 16
 
 Load: C concurrent streaming requests of random token-id prompts (``--prompt-len`` in, exactly ``--output-len``
 out), sent at once. In-process: ``llm.astream`` on one event loop. Server: the engine in its own `serve` process
 and C SSE clients over 127.0.0.1 (/v1/completions with token ids: the same prompts, no chat template), spread over
-client processes with a dependency-free HTTP/1.1 reader so the client is not what is measured. Reported per leg:
+client processes with a dependency-free HTTP/1.1 reader (asyncio streams: no HTTP client library needed) so the
+client is not what is measured. Both legs first run the same load with 4 output tokens (warm-up). Reported per leg:
 output tok/s (all tokens / wall time), TTFT and inter-token gap percentiles as the client sees them; then the
 server's tok/s as % of in-process and its TTFT p50 minus in-process. ``--ray-replicas`` compares Ray Serve
 deployments of N replicas (one CPU thread each on the CPU, one GPU each on GPUs) on the same load instead.
@@ -49,6 +50,29 @@ def summarize(requests: list[dict], wall: float) -> dict:
     return {"requests": len(requests), "output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall,
             "ttft_ms": {f"p{int(q * 100)}": pct(ttft, q) for q in (0.5, 0.9, 0.99)},
             "itl_ms": {f"p{int(q * 100)}": pct(gaps, q) for q in (0.5, 0.9, 0.99)}}
+
+
+def overhead(in_process: dict, server: dict) -> dict:
+    """The server against the in-process engine on the same load; the issue's targets: >= 90% of the tok/s and
+    TTFT p50 within 5 ms."""
+    pct = 100 * server["output_tok_s"] / in_process["output_tok_s"]
+    delta = server["ttft_ms"]["p50"] - in_process["ttft_ms"]["p50"]
+    return {"server_tok_s_pct_of_in_process": pct, "ttft_p50_delta_ms": delta,
+            "meets_tok_s_target": pct >= 90.0, "meets_ttft_target": delta <= 5.0}
+
+
+class Phases:
+    """Wall time of each phase of the run (the GPU session has a time budget: this shows where it went)."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = round(now - self._last, 1)
+        self._last = now
+        print(f"[{name}: {self.phases[name]} s]", flush=True)
 
 
 # ---- in-process -------------------------------------------------------------------------------------------------
@@ -222,7 +246,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--client-processes", type=int, default=0, help="default: one per 32 streams, at most 8")
     parser.add_argument("--ray-replicas", help="compare Ray Serve deployments of these replica counts, e.g. 1,2")
-    parser.add_argument("--work-dir", default="/tmp/onv_serve_bench")
+    parser.add_argument("--work-dir", default="/tmp/onv_bench",
+                        help="checkpoints and engines (the default is gpu_session.sh's: its 8B checkpoint is reused)")
     parser.add_argument("--out", default=None, help="write the results (json) here")
     args = parser.parse_args()
     import torch
@@ -231,10 +256,14 @@ def main() -> None:
 
     gpu = torch.cuda.is_available() and args.device != "cpu"
     model, vocab = args.model or DEFAULT_MODEL, 49152
+    clock = Phases()
     if args.shape:
         from checkpoint import SHAPES, write_checkpoint
 
         model, vocab = str(write_checkpoint(args.shape, Path(args.work_dir) / args.shape)), SHAPES[args.shape]["vocab_size"]
+        clock.done("checkpoint")
+        if gpu:
+            torch.cuda.empty_cache()  # the weights were drawn on the GPU: give the engines that memory back
     concurrency = [int(c) for c in args.concurrency.split(",")]
     options = {"device": args.device, "max_batch_size": max(args.max_batch_size, max(concurrency))}
     options["max_num_tokens"] = max(2048, options["max_batch_size"])
@@ -254,6 +283,7 @@ def main() -> None:
     if args.ray_replicas:
         replicas = [int(n) for n in args.ray_replicas.split(",")]
         result["ray"] = run_ray(model, options, replicas, prompts_of, args.output_len, 1, gpu)
+        clock.done("ray")
         for c in concurrency:
             one, many = result["ray"].get(f"{replicas[0]}_replicas@{c}"), result["ray"].get(f"{replicas[-1]}_replicas@{c}")
             if one and many:
@@ -262,8 +292,11 @@ def main() -> None:
         from optimum_nvidia_core import LLM
 
         llm = LLM(model, **options)
-        run_in_process(llm, prompts_of[concurrency[0]][:4], 4)  # warm-up
+        clock.done("in_process_engine_build_and_load")
+        for c in concurrency:  # warm-up: every batch size of the load once (GEMM tuning, first allocations)
+            run_in_process(llm, prompts_of[c], 4)
         result["in_process"] = {c: run_in_process(llm, prompts_of[c], args.output_len) for c in concurrency}
+        clock.done("in_process_load")
         print("in-process", result["in_process"], flush=True)
         llm.shutdown()
         del llm
@@ -272,19 +305,19 @@ def main() -> None:
             torch.cuda.empty_cache()
         port = free_port()
         server = start_server(model, options, port, env)
+        clock.done("server_start")
         try:
-            run_over_http(port, prompts_of[concurrency[0]][:4], 4, model, 1)  # warm-up
+            for c in concurrency:  # the same warm-up as in-process
+                run_over_http(port, prompts_of[c], 4, model, processes(c))
             result["server"] = {c: run_over_http(port, prompts_of[c], args.output_len, model, processes(c))
                                 for c in concurrency}
         finally:
             stop(server)
+        clock.done("server_load")
         print("server", result["server"], flush=True)
-        result["overhead"] = {c: {
-            "server_tok_s_pct_of_in_process": 100 * result["server"][c]["output_tok_s"] /
-            result["in_process"][c]["output_tok_s"],
-            "ttft_p50_delta_ms": result["server"][c]["ttft_ms"]["p50"] - result["in_process"][c]["ttft_ms"]["p50"],
-        } for c in concurrency}
-    print(json.dumps({k: v for k, v in result.items() if k in ("overhead", "ray")}, indent=1), flush=True)
+        result["overhead"] = {c: overhead(result["in_process"][c], result["server"][c]) for c in concurrency}
+    result["phases_s"] = clock.phases
+    print(json.dumps({k: v for k, v in result.items() if k in ("overhead", "ray", "phases_s")}, indent=1), flush=True)
     for target in [args.out] + ([str(Path(os.environ["OUT"]) / "serve_bench.json")] if os.environ.get("OUT") else []):
         if target:
             Path(target).parent.mkdir(parents=True, exist_ok=True)

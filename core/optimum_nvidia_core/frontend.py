@@ -40,7 +40,8 @@ class EngineFrontend:
         client_type = ProcessCoreClient if config.engine_process else ThreadCoreClient
         self.client = client_type(config, self._on_message)
         self.info = self.client.info
-        self.tokenizer = _load_tokenizer(self.info.model_dir)
+        core = getattr(self.client, "core", None)  # on a thread of this process: the tokenizer the core loaded
+        self.tokenizer = core.loaded.tokenizer if core is not None else _load_tokenizer(self.info.model_dir)
         self.inputs = InputProcessor(self.tokenizer, self.info)
         self.outputs = OutputProcessor(self.tokenizer, self.info.eos_token_ids)
 

@@ -125,6 +125,9 @@ def test_tool_choice_required_named_none_and_streamed_deltas(client):
     assert not none.choices[0].message.tool_calls and none.choices[0].message.content
     auto = client.chat.completions.create(model=MODEL, messages=PARIS, tools=[WEATHER], max_tokens=40, temperature=0)
     assert auto.choices[0].message.content or auto.choices[0].message.tool_calls
+    one = client.chat.completions.create(model=MODEL, messages=PARIS, tools=[WEATHER], tool_choice="required",
+                                         parallel_tool_calls=False, max_tokens=60, temperature=0)
+    assert len(one.choices[0].message.tool_calls) == 1  # a forced reply then holds exactly one call
 
 
 def test_response_formats_and_parse_with_a_pydantic_model(client):
@@ -196,6 +199,45 @@ def test_error_statuses(server, client):
     assert httpx.get(server.base_url + "/v1/nowhere").status_code == 404
 
 
+BAD_PROMPTS = {  # completions: a prompt the engine refuses (the facade checks it when the stream is first read)
+    "too long for the context": ("hi " * 9000, "context_length_exceeded"),
+    "empty": ("", None),
+    "a token id past the vocabulary": ([10**9], None),
+    "one bad prompt in a list": (["Once upon a time", "hi " * 9000], "context_length_exceeded"),
+    "of the wrong type": ({"text": "hi"}, None),
+}
+BAD_CONVERSATIONS = {  # chat: a conversation the core refuses
+    "too long for the context": ([{"role": "user", "content": "hi " * 9000}], "context_length_exceeded"),
+    "content of the wrong type": ([{"role": "user", "content": 5}], None),
+    "a message without a role": ([{"content": "Hi"}], None),
+    "a message that is not an object": (["Hi"], None),
+}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_bad_prompts_get_a_400_before_any_stream_starts(server, client, stream):
+    """A bad prompt is a 400 in OpenAI's shape, streamed or not: never a 200 whose stream then breaks, never a
+    500; the good prompt of a list is aborted (no leaked blocks) and the server goes on serving."""
+    extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+    cases = [("/v1/completions", {"prompt": p}, code) for p, code in BAD_PROMPTS.values()]
+    cases += [("/v1/chat/completions", {"messages": m}, code) for m, code in BAD_CONVERSATIONS.values()]
+    cases += [("/v1/completions", {"prompt": "Hi", "max_tokens": 10**6}, "context_length_exceeded"),
+              ("/v1/chat/completions", {"messages": HI, "max_tokens": 10**6}, "context_length_exceeded")]
+    for path, body, code in cases:
+        response = _post(server, {"model": MODEL, "max_tokens": 8, **body, **extra}, path=path)
+        error = _assert_openai_error(response, 400)
+        assert response.headers["content-type"].startswith("application/json"), (body, response.headers)
+        assert error["type"] == "invalid_request_error" and (code is None or error["code"] == code), error
+    with pytest.raises(openai.BadRequestError, match="max_seq_len"):  # the SDK raises at the call, too
+        client.completions.create(model=MODEL, prompt="hi " * 9000, max_tokens=4, stream=stream)
+    with pytest.raises(openai.BadRequestError, match="content of type int"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": 5}], stream=stream)
+    wait_idle(server)
+    good = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, stream=stream)
+    text = "".join(c.choices[0].text for c in good if c.choices) if stream else good.choices[0].text
+    assert text
+
+
 def test_503_while_the_engine_restarts(server, client):
     restart = asyncio.run_coroutine_threadsafe(server.engine.restart(), server.server_loop())
     deadline = time.monotonic() + 10
@@ -258,6 +300,8 @@ def test_metrics_exposition(server, client):
     text = httpx.get(server.base_url + "/metrics").text
     assert 'optimum_nvidia_requests_total{endpoint="chat",status="200"}' in text
     assert 'optimum_nvidia_requests_total{endpoint="chat",status="499"}' in text  # the hang-ups above
+    for status in (400, 401, 404):  # refused before they reached the engine: counted too
+        assert f'optimum_nvidia_requests_total{{endpoint="chat",status="{status}"}}' in text, status
     for name in ("optimum_nvidia_time_to_first_token_seconds_count", "optimum_nvidia_inter_token_latency_seconds_count",
                  "optimum_nvidia_generation_tokens_total", "optimum_nvidia_prompt_tokens_total",
                  "optimum_nvidia_requests_running", "optimum_nvidia_requests_waiting",

@@ -1,7 +1,12 @@
 """Ray Serve scale-out on the CPU: a local Ray instance, two SmolLM2 replicas behind the OpenAI ingress, session
-affinity observed (each agent's turns land on one replica and hit its prefix cache), both replicas used."""
+affinity observed (each agent's turns land on one replica and hit its prefix cache), both replicas used, and the
+ingress's /metrics carries each replica's KV-cache gauges; a client that hangs up frees its replica's KV blocks."""
 from __future__ import annotations
 
+import json
+import time
+
+import httpx
 import openai
 import pytest
 
@@ -57,3 +62,36 @@ def test_two_replicas_keep_each_agent_on_the_replica_that_caches_its_prefix(ingr
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "wizard", "content": "Hi"}])
+    metrics = httpx.get(ingress.removesuffix("/v1") + "/metrics", timeout=60).text
+    for replica in set(replicas_of_agent.values()):  # every replica's engine, labelled with its id
+        total = _gauge(metrics, "optimum_nvidia_kv_cache_total_blocks", replica)
+        assert total > 0 and _gauge(metrics, "optimum_nvidia_kv_cache_free_blocks", replica) == total  # idle
+        assert _gauge(metrics, "optimum_nvidia_kv_cache_usage_ratio", replica) == 0.0
+    assert 'optimum_nvidia_requests_total{endpoint="chat",status="200"}' in metrics
+
+
+def test_a_client_that_hangs_up_frees_its_replicas_kv_blocks(ingress):
+    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", ingress + "/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        events = response.iter_lines()
+        replica = next(json.loads(e[6:])["system_fingerprint"] for e in events if e.startswith("data: "))
+        streaming = httpx.get(ingress.removesuffix("/v1") + "/metrics", timeout=60).text
+        free_streaming = _gauge(streaming, "optimum_nvidia_kv_cache_free_blocks", replica)
+        assert free_streaming < _gauge(streaming, "optimum_nvidia_kv_cache_total_blocks", replica)  # holds some
+    # hung up after the first token: 4000 tokens would take many minutes on this CPU; the abort frees them at once
+    deadline = time.monotonic() + 60
+    while True:
+        metrics = httpx.get(ingress.removesuffix("/v1") + "/metrics", timeout=60).text
+        free = _gauge(metrics, "optimum_nvidia_kv_cache_free_blocks", replica)
+        if free == _gauge(metrics, "optimum_nvidia_kv_cache_total_blocks", replica):
+            break
+        assert time.monotonic() < deadline, f"replica {replica} kept its blocks: {free} free ({free_streaming} then)"
+        time.sleep(0.5)
+    assert _gauge(metrics, "optimum_nvidia_engine_running_requests", replica) == 0
+
+
+def _gauge(metrics: str, name: str, replica: str) -> float:
+    line = next(line for line in metrics.splitlines() if line.startswith(f'{name}{{replica="{replica}"}}'))
+    return float(line.split()[-1])

@@ -1,8 +1,9 @@
 """The server's conversion layer without a server: OpenAI request bodies -> SamplingParams, errors in OpenAI's
-shape, log-probabilities in both OpenAI shapes, replica ranking for session affinity, and the core importing
-without the server's dependencies."""
+shape, log-probabilities in both OpenAI shapes, per-replica engine gauges in /metrics, replica ranking for session
+affinity and the stats fan-out, and the core importing without the server's dependencies."""
 from __future__ import annotations
 
+import asyncio
 import pickle
 import subprocess
 import sys
@@ -96,6 +97,41 @@ def test_rendezvous_ranking_is_stable_and_spreads_sessions():
     assert 150 < sum(v == "a" for v in two.values()) < 250
     three = {k: rank_replicas(k, ["a", "b", "c"])[0] for k in keys}
     assert all(three[k] in (two[k], "c") for k in keys)  # a new replica only takes keys, never reshuffles
+
+
+def test_engine_gauges_are_labelled_by_replica():
+    from optimum_nvidia_core.server.metrics import ServerMetrics
+
+    stats = {"r1": {"total_blocks": 100, "free_blocks": 75, "running_requests": 3},
+             "r2": {"total_blocks": 100, "free_blocks": 100, "running_requests": 0}}
+    text = ServerMetrics().exposition(stats).decode()
+    assert 'optimum_nvidia_kv_cache_usage_ratio{replica="r1"} 0.25' in text
+    assert 'optimum_nvidia_kv_cache_free_blocks{replica="r2"} 100.0' in text
+    assert 'optimum_nvidia_kv_cache_total_blocks{replica="r1"} 100.0' in text
+    assert 'optimum_nvidia_engine_running_requests{replica="r1"} 3.0' in text
+    assert "optimum_nvidia_requests_running 0.0" in text  # the server's own metrics come first
+    assert "kv_cache" not in ServerMetrics().exposition({}).decode()  # no engine up: no engine gauges, no error
+
+
+def test_stats_calls_go_to_each_replica_once_then_stop():
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from optimum_nvidia_core.server.ray_serve import SessionAffinityRouter
+
+    router = object.__new__(SessionAffinityRouter)  # choose_replicas reads only its arguments
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=i)) for i in ("a", "b", "c")]
+
+    def chosen(**kwargs):
+        ranks = asyncio.run(router.choose_replicas(replicas, SimpleNamespace(kwargs=kwargs)))
+        return [[r.replica_id.unique_id for r in rank] for rank in ranks]
+
+    asked = []
+    while (choice := chosen(skip=list(asked))[0][0]) not in asked:
+        asked.append(choice)
+    assert sorted(asked) == ["a", "b", "c"]
+    first, rest = chosen(affinity="user:1")  # a request with a session key: its replica, then the others
+    assert len(first) == 1 and sorted(first + rest) == ["a", "b", "c"]
 
 
 def test_the_core_imports_without_the_server_dependencies():

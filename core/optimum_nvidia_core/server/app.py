@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP app (FastAPI): routes, API key, body limit, SSE framing, disconnects, errors.
 
-``create_app(engine)`` serves any engine object with ``model_names``, ``start/stop``, ``check_ready``,
-``stats`` and the async-generator methods ``chat(req, timer)`` / ``completions(req, timer)``: the in-process
-``LocalEngine``, or the Ray Serve replicas behind ``ray_serve.ReplicaRouter`` — one ingress for both.
+``create_app(engine)`` serves any engine object with ``model_names``, ``start/stop``, ``check_ready``, the
+coroutine ``replica_stats()`` (replica -> its engine's ``stats()``, for /metrics) and the async-generator methods
+``chat(req, timer)`` / ``completions(req, timer)``: the in-process ``LocalEngine``, or the Ray Serve replicas
+behind ``ray_serve.ReplicaPool`` — one ingress for both.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ CLIENT_CLOSED = 499  # nginx's status for "the client hung up"; only ever seen i
 
 
 def create_app(engine: Any, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    metrics = ServerMetrics(engine.stats)
+    metrics = ServerMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,10 +62,14 @@ def create_app(engine: Any, *, api_key: str | None = None, max_body_bytes: int =
                            param="model", code="model_not_found")
 
     async def generate(request: Request, endpoint: str, model: type[BaseModel]) -> Response:
-        authorize(request)
-        req = model.model_validate(await read_json(request))
-        check_model(req.model)
-        engine.check_ready()
+        try:
+            authorize(request)
+            req = model.model_validate(await read_json(request))
+            check_model(req.model)
+            engine.check_ready()
+        except (APIError, ValidationError) as exc:  # refused before it started: counted all the same
+            metrics.count(endpoint, getattr(exc, "status", 400))
+            raise
         timer = metrics.start()
         items = getattr(engine, endpoint)(req, timer)
         status = 200
@@ -116,7 +121,12 @@ def create_app(engine: Any, *, api_key: str | None = None, max_body_bytes: int =
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(await asyncio.to_thread(metrics.exposition), media_type=CONTENT_TYPE_LATEST)
+        try:
+            engine_stats = await engine.replica_stats()
+        except Exception:  # noqa: BLE001 - an engine (re)starting: the server's own metrics still go out
+            logger.warning("could not read the engines' stats for /metrics", exc_info=True)
+            engine_stats = {}
+        return Response(await asyncio.to_thread(metrics.exposition, engine_stats), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -53,6 +53,7 @@ def from_exception(exc: BaseException) -> APIError:
     """The API error for an exception raised while serving (Ray wraps the original one as ``cause``)."""
     from pydantic import ValidationError
 
+    from ..request_checks import ContextLengthError
     from ..request_stream import EngineError
 
     exc = getattr(exc, "cause", None) or exc
@@ -61,6 +62,8 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, ValidationError):
         message, param = validation_message(exc.errors())
         return APIError(400, message, param=param)
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), code="context_length_exceeded")  # OpenAI's code: clients trim on it
     if isinstance(exc, (ValueError, TypeError)):  # the core names bad inputs with these
         return APIError(400, str(exc))
     if isinstance(exc, EngineError):

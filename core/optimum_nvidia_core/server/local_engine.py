@@ -77,8 +77,8 @@ class LocalEngine:
                   "stopped": "the server is shutting down"}.get(self.state, f"the engine failed: {self.failure}")
         raise APIError(503, f"{reason}; retry shortly", code="engine_unavailable")
 
-    def stats(self) -> dict[str, Any] | None:
-        return self.llm.stats() if self.state == "ready" else None
+    async def replica_stats(self) -> dict[str, dict[str, int]]:
+        return {"local": await asyncio.to_thread(self.llm.stats)} if self.state == "ready" else {}
 
     # ---- requests --------------------------------------------------------------------------------------
     def chat(self, req: ChatCompletionRequest, timer: RequestTimer | None = None) -> AsyncIterator[dict]:

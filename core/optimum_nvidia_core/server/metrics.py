@@ -1,12 +1,14 @@
 """Prometheus metrics of one server: requests, tokens, latency histograms, in-flight sequences and KV-cache use.
 
 Each app owns a ``CollectorRegistry`` (two servers in one process do not share counters). Engine figures
-(KV blocks, prefix-cache hits) are read from ``stats()`` at scrape time, so nothing polls the engine.
+(KV blocks, prefix-cache hits) are read from each engine's ``stats()`` at scrape time, so nothing polls the
+engines; every one is labelled with its ``replica`` (``local`` for the engine in the server's own process, the
+Serve replica id under Ray).
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -18,7 +20,7 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300
 
 
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], dict[str, Any] | None] = lambda: None):
+    def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(f"{PREFIX}_requests", "Finished HTTP requests", ["endpoint", "status"], registry=r)
@@ -34,7 +36,6 @@ class ServerMetrics:
                              registry=r)
         self.running = Gauge(f"{PREFIX}_requests_running", "Requests generating tokens", registry=r)
         self.waiting = Gauge(f"{PREFIX}_requests_waiting", "Requests waiting for their first token", registry=r)
-        r.register(_EngineCollector(stats))
 
     def start(self) -> "RequestTimer":
         return RequestTimer(self)
@@ -42,8 +43,11 @@ class ServerMetrics:
     def count(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def exposition(self, engine_stats: dict[str, dict[str, Any]]) -> bytes:
+        """The server's metrics, then the engines' (``engine_stats``: replica -> its ``stats()``)."""
+        engines = CollectorRegistry()
+        engines.register(_EngineCollector(engine_stats))
+        return generate_latest(self.registry) + generate_latest(engines)
 
 
 class RequestTimer:
@@ -83,22 +87,29 @@ class RequestTimer:
 
 
 class _EngineCollector:
-    """KV-cache blocks and engine counters, read from the engine's ``stats()`` when scraped."""
+    """KV-cache blocks and engine counters of each replica, from the ``stats()`` read for this scrape."""
 
-    def __init__(self, stats: Callable[[], dict[str, Any] | None]):
-        self._stats = stats
+    COUNTERS = ("running_requests", "waiting_requests", "prefix_cache_hit_tokens", "preemptions", "steps")
+
+    def __init__(self, engine_stats: dict[str, dict[str, Any]]):
+        self._stats = engine_stats
 
     def collect(self):
-        try:
-            stats = self._stats() or {}
-        except Exception:  # the engine is (re)starting: report nothing rather than fail the scrape
-            stats = {}
-        total, free = stats.get("total_blocks"), stats.get("free_blocks")
-        if total:
-            yield GaugeMetricFamily(f"{PREFIX}_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
-                                    value=(total - free) / total)
-            yield GaugeMetricFamily(f"{PREFIX}_kv_cache_free_blocks", "Free KV-cache blocks", value=free)
-            yield GaugeMetricFamily(f"{PREFIX}_kv_cache_total_blocks", "All KV-cache blocks", value=total)
-        for key in ("running_requests", "waiting_requests", "prefix_cache_hit_tokens", "preemptions", "steps"):
-            if key in stats:
-                yield GaugeMetricFamily(f"{PREFIX}_engine_{key}", f"Engine stats()['{key}']", value=stats[key])
+        def family(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["replica"])
+
+        usage = family("kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
+        free = family("kv_cache_free_blocks", "Free KV-cache blocks")
+        total = family("kv_cache_total_blocks", "All KV-cache blocks")
+        engine = {key: family(f"engine_{key}", f"Engine stats()['{key}']") for key in self.COUNTERS}
+        for replica, stats in sorted(self._stats.items()):
+            if stats.get("total_blocks"):
+                usage.add_metric([replica], 1 - stats["free_blocks"] / stats["total_blocks"])
+                free.add_metric([replica], stats["free_blocks"])
+                total.add_metric([replica], stats["total_blocks"])
+            for key, gauge in engine.items():
+                if key in stats:
+                    gauge.add_metric([replica], stats[key])
+        for gauge in (usage, free, total, *engine.values()):
+            if gauge.samples:
+                yield gauge

@@ -6,8 +6,10 @@ The ingress is ``create_app`` itself (no second HTTP layer): its engine object, 
 request to the replicas through a Serve handle. The router ranks replicas by rendezvous hashing of the request's
 session key (the OpenAI ``user`` field, else the conversation's first two messages or the prompt's start), so
 every turn of one agent reaches the replica whose prefix cache holds its history; when that replica is full it
-falls back to the others. Ray Serve's own LLM ingress (``ray.serve.llm``) needs vLLM or SGLang for its request
-types, which is why our app is the ingress here.
+falls back to the others. For /metrics the pool asks every replica for its engine's ``stats()`` in turn: a
+``stats`` call names the replicas already asked (``skip``) and the router sends it to one not among them.
+Ray Serve's own LLM ingress (``ray.serve.llm``) needs vLLM or SGLang for its request types, which is why our app
+is the ingress here.
 
     serve run optimum_nvidia_core.server.ray_serve:app_builder model=MODEL replicas=2
     python -m optimum_nvidia_core.server.ray_serve MODEL --replicas 2     # the same, plus ray.init()
@@ -15,6 +17,7 @@ types, which is why our app is the ingress here.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import os
 import random
@@ -31,14 +34,20 @@ from .metrics import RequestTimer
 from .serving import OpenAIServing
 
 MAX_ONGOING_REQUESTS = 512  # per replica; the engine's own scheduler queues what its batch cannot take
+STATS_TIMEOUT_S = 5.0  # per replica asked for /metrics: a scrape never hangs on a replica that is full or stuck
 
 
 class SessionAffinityRouter(RequestRouter):
-    """Rendezvous hashing on ``affinity``: the same key always ranks the same replica first."""
+    """Rendezvous hashing on ``affinity``: the same key always ranks the same replica first. A call that names
+    replicas to ``skip`` goes to another one (any, once all were asked)."""
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        key = pending_request.kwargs.get("affinity") if pending_request is not None else None
+        kwargs = pending_request.kwargs if pending_request is not None else {}
+        if "skip" in kwargs:
+            unasked = [r for r in candidate_replicas if r.replica_id.unique_id not in kwargs["skip"]]
+            return [unasked[:1] or candidate_replicas[:1]]
+        key = kwargs.get("affinity")
         if not key or len(candidate_replicas) < 2:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
@@ -81,8 +90,9 @@ class EngineReplica:
         async for item in self.serving.completions(req):
             yield {**item, "system_fingerprint": self.replica}
 
-    def stats(self) -> dict[str, int]:
-        return self.llm.stats()
+    def stats(self, skip: list[str] | None = None) -> tuple[str, dict[str, int]]:
+        """(this replica's id, its engine's stats()); ``skip`` is for the router."""
+        return self.replica, self.llm.stats()
 
     def check_health(self) -> None:
         self.llm.stats()  # raises if the engine is gone: Serve then replaces this replica
@@ -94,6 +104,7 @@ class ReplicaPool:
     state = "ready"
 
     def __init__(self, handle: Any, model_names: list[str]):
+        self.unary = handle
         self.handle = handle.options(stream=True)
         self.model_names = model_names
 
@@ -106,8 +117,19 @@ class ReplicaPool:
     def check_ready(self) -> None:
         pass  # Serve routes only to healthy replicas and queues while none is
 
-    def stats(self) -> None:
-        return None  # per-replica engine figures live in the replicas (Ray's metrics), not in this process
+    async def replica_stats(self) -> dict[str, dict[str, int]]:
+        """Each live replica's engine stats, asked one replica at a time until one answers twice."""
+        found: dict[str, dict[str, int]] = {}
+        while True:
+            response = self.unary.stats.remote(skip=list(found))
+            try:
+                replica, stats = await asyncio.wait_for(asyncio.ensure_future(response), STATS_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                response.cancel()
+                return found
+            if replica in found:
+                return found
+            found[replica] = stats
 
     def chat(self, req: Any, timer: RequestTimer | None = None) -> AsyncIterator[dict]:
         return self._relay(self.handle.chat.remote(req, affinity=affinity_key(req)), timer)

@@ -2,8 +2,10 @@
 
 ``chat`` and ``completions`` are async generators of plain dicts: one response for ``stream=false``; for
 ``stream=true`` the chunks, then always a last usage chunk (``choices: []``), which the HTTP layer drops unless the
-client asked for it. A bad request raises before the first item, so the caller can still answer 400. They run
-where the engine is: in the server's process, or inside a Ray replica.
+client asked for it. A bad request raises before the first item (chat: the facade checks the conversation and its
+prompt before its first delta; completions: every prompt is checked and submitted before any is read), so the
+caller can still answer 400 instead of breaking a stream it has started. They run where the engine is: in the
+server's process, or inside a Ray replica.
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ class OpenAIServing:
         params = req.sampling_params()
         head = self._head("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion")
         top = params.logprobs
-        source = self.llm.achat_stream(req.messages, params, tools=req.tools, tool_choice=req.tool_choice)
+        source = self.llm.achat_stream(req.messages, params, tools=req.tools, tool_choice=req.tool_choice,
+                                       parallel_tool_calls=req.parallel_tool_calls is not False)
         async with contextlib.aclosing(source):
             deltas = _timed(source, timer)
             if not req.stream:
@@ -114,7 +117,7 @@ class OpenAIServing:
         params = req.sampling_params()
         head = self._head("cmpl", "text_completion")
         prompts = req.prompts
-        streams = [self.llm.astream(p, params) for p in prompts]  # a bad prompt raises here, before any output
+        streams = await asyncio.to_thread(_submit_all, self.llm, prompts, params)  # before any output
         choices = [_Choice() for _ in range(len(prompts) * params.n)]
         usage = Usage()
         try:
@@ -161,6 +164,20 @@ class OpenAIServing:
 
     def _completion_logprobs(self, token_ids: list[int], logprobs: list | None, top: int, offset: int = 0) -> dict:
         return completion_logprobs(token_ids, logprobs or [], top, self._text_of, offset)
+
+
+def _submit_all(llm: Any, prompts: list, params: Any) -> list:
+    """One request per prompt, each checked as it is submitted; if one is bad, the others are aborted and its
+    error raised, so that one bad prompt of a list is a 400 rather than an error in the middle of a stream."""
+    streams = []
+    try:
+        for prompt in prompts:
+            streams.append(llm.stream(prompt, params))
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+    return streams
 
 
 def usage_dict(usage: Usage | None) -> dict[str, Any]:
