@@ -68,33 +68,90 @@ def _bf16_fits(ckpt: str) -> dict:
         fits = {"fits": True}
     except torch.OutOfMemoryError as error:
         fits = {"fits": False, "error": str(error).splitlines()[0][:200]}
-    torch.cuda.empty_cache()  # whatever was allocated is garbage now
+    _free_memory("cuda")  # whatever was allocated is garbage now
     return fits
 
 
-def step_load(ckpt: str, cache: str, rounding: str) -> dict:
-    """A fresh process finds the cached engine (verifying every file), loads it, then starts a serving LLM."""
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free_memory(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()  # a failed load's tensors may sit in reference cycles (the exception's frames)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def step_load(ckpt: str, cache: str, rounding: str, device: str = "cuda", options: dict | None = None) -> dict:
+    """A cached start in a fresh process, part by part, then end to end.
+
+    Parts: imports; finding the engine (source fingerprint + calibration hash + verification, which trusts the stat
+    stamps of the build's full check: build/engine_dir.py); what hashing every file would cost instead; the engine's
+    layout on the meta device and its weights onto the GPU; the KV cache; the CUDA graphs per family (with the FP8
+    GEMM tuner's first calls inside their warm-ups). Then ``LLM(...)`` (engine core process included) up to a first
+    token, timed end to end: the target's figure. ``device="cpu"`` and ``options`` (more EngineConfig fields): the
+    CPU smoke run of tests/unit/test_build_bench.py (no graphs there)."""
+    begin = time.perf_counter()
     import torch
 
     from optimum_nvidia_core import LLM, SamplingParams
-    from optimum_nvidia_core.build import get_or_build, load_engine
+    from optimum_nvidia_core.build import engine_dir, get_or_build, load_engine
     from optimum_nvidia_core.config import EngineConfig
+    from optimum_nvidia_core.devices import gpu_memory
+    from optimum_nvidia_core.engine.model_runner import ModelRunner
 
-    config = EngineConfig(model=ckpt, use_fp8=True, weight_rounding=rounding, device="cuda")
+    if device == "cuda":
+        torch.cuda.init()
+    result = {"imports_and_cuda_init_s": time.perf_counter() - begin}
+    options = {"use_fp8": True, "weight_rounding": rounding, "device": device, **(options or {})}
+    config = EngineConfig(model=ckpt, **options)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     begin = time.perf_counter()
     engine = get_or_build(Path(ckpt), config, cache_root=Path(cache), build_fn=_refuse_build)
-    verified = time.perf_counter()
-    model = load_engine(engine, torch.bfloat16, "cuda", verify=False)
-    torch.cuda.synchronize()
-    result = {"verify_s": verified - begin, "load_engine_s": time.perf_counter() - verified,
-              "cached_load_s": time.perf_counter() - begin}
-    del model
-    torch.cuda.empty_cache()
+    result["find_engine_s"] = time.perf_counter() - begin
+    result["stamps_trusted"] = (engine / engine_dir.STAMP_NAME).is_file()
+    begin = time.perf_counter()
+    engine_dir.verify_engine_dir(engine, full=True)
+    result["full_hash_s"] = time.perf_counter() - begin  # what finding the engine cost before the stamps
+    result["engine_GB"] = sum(p.stat().st_size for p in engine.iterdir()) / 1e9
+    parts: dict = {}
+    model = load_engine(engine, dtype, device, verify=False, timings=parts)
+    begin = time.perf_counter()
+    model.fuse_fp8_input_quantization()
+    parts["fuse_s"] = time.perf_counter() - begin
+    result.update({f"load_{k}": v for k, v in parts.items()})
+    result["weights_GBps"] = result["engine_GB"] / parts["weights_s"]
+    result["cached_load_s"] = result["find_engine_s"] + sum(parts.values())  # the issue's "cached load"
+    max_seq_len = model.config.max_position_embeddings
+    limits = config.with_limits(gpu_memory(torch.device(device)))
+    begin = time.perf_counter()
+    runner = ModelRunner(model, limits.model_copy(update={"enforce_eager": True}), torch.device(device), dtype,
+                         max_seq_len, [2])
+    _sync(device)
+    result["kv_cache_s"] = time.perf_counter() - begin
+    result["kv_cache_tokens"] = runner.num_blocks * limits.block_size
+    runner.config = limits  # the graphs the engine captures with these limits
+    begin = time.perf_counter()
+    graphs = runner._maybe_graphs()
+    result["cuda_graphs_s"] = time.perf_counter() - begin
+    result["cuda_graphs_by_family_s"] = dict(graphs.capture_seconds) if graphs else None
+    result["cuda_graphs_count"] = {f: len(g) for f, g in graphs.families.items()} if graphs else None
+    result["limits"] = {"max_batch_size": limits.max_batch_size, "max_num_tokens": limits.max_num_tokens}
+    del runner, graphs, model
+    _free_memory(device)
     os.environ["OPTIMUM_NVIDIA_CACHE"] = str(Path(cache).parent)  # so that engine_cache_root() == cache
     begin = time.perf_counter()
-    llm = LLM(ckpt, device="cuda", use_fp8=True, weight_rounding=rounding)
+    llm = LLM(ckpt, **options)
+    result["llm_start_s"] = time.perf_counter() - begin
     llm.generate([[5] * 8], SamplingParams(max_tokens=2, temperature=0.0))
-    result["llm_ready_s"] = time.perf_counter() - begin  # load + KV-cache allocation + CUDA graphs + warm-up
+    result["llm_ready_s"] = time.perf_counter() - begin  # end to end: process, load, KV cache, graphs, first token
     llm.shutdown()
     return result
 

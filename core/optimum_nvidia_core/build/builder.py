@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -230,18 +231,22 @@ def _manifest_for_loaded(model: nn.Module, src: Path) -> dict:
             "model_name": src.name, "source_dir": str(src)}
 
 
-def load_engine(engine_path: Path, dtype: torch.dtype, device: torch.device | str, verify: bool = True) -> nn.Module:
+def load_engine(engine_path: Path, dtype: torch.dtype, device: torch.device | str, verify: bool = True,
+                timings: dict | None = None) -> nn.Module:
     """Load a verified engine dir: the model with Fp8Linear modules where it was quantized, and its KV scales.
 
     The model is laid out on the meta device and each saved tensor becomes its parameter directly, so loading
     never holds more than the engine's own weights (a 70B FP8 engine loads on one 141 GB GPU). Raises
-    EngineDirError for a partial or corrupted directory (never loads one)."""
+    EngineDirError for a partial or corrupted directory (never loads one). ``timings``: filled with the seconds of
+    each part (verify_s, layout_s, weights_s; benchmarks/build_bench.py reports them)."""
     from transformers import AutoConfig
 
     from optimum_nvidia_core.models.loader import build_model
 
     engine_path, device = Path(engine_path), torch.device(device)
+    clock = _Clock(timings, device)
     manifest = engine_dir.verify_engine_dir(engine_path) if verify else engine_dir.read_manifest(engine_path)
+    clock.lap("verify_s")
     recipe = Fp8Recipe.from_dict(manifest["identity"]["recipe"])
     if recipe.use_fp8 or recipe.kv_cache_dtype == "fp8":
         check_fp8_supported(device)
@@ -252,11 +257,30 @@ def load_engine(engine_path: Path, dtype: torch.dtype, device: torch.device | st
     int4 = Int4Recipe.from_dict(manifest["identity"]["recipe"])
     if int4 is not None:
         swap_in_empty_int4(model, int4, dtype, meta)
+    clock.lap("layout_s")
     assign_saved_tensors(model, engine_weight_files(engine_path), device)
     scales = manifest.get("kv_scales")
     if scales:
         set_kv_scales(model, scales["k"], scales["v"])
+    clock.lap("weights_s")
     return model.eval()
+
+
+class _Clock:
+    """Seconds between laps into ``timings`` (nothing when it is None); on CUDA each lap waits for the device."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings, self.device = timings, device
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = now - self.last
+        self.last = now
 
 
 def engine_weight_files(engine_path: Path) -> list[Path]:
