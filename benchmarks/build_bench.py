@@ -1,9 +1,8 @@
-"""FP8 build benchmark (issue 19) on one GPU: build time (GPTQ and nearest rounding), cached load, a build under a
-GPU memory cap smaller than the bf16 model, peak memory; and (--seventy) a 70B-shape FP8 checkpoint written
-straight in the compressed-tensors layout, loaded and served.
+"""FP8 build benchmark (issue 19) on one GPU, Llama-3-8B shape: build time (GPTQ and nearest rounding), a GPTQ build
+under a GPU memory cap smaller than the bf16 model (torch's per-process memory fraction = --cap-gib, 12 GiB), peak
+memory, and a cached start part by part. The 70B-shape FP8 model served on one GPU: benchmarks/fp8_70b.py.
 
-    PYTHONPATH=core:. python benchmarks/build_bench.py --out benchmarks/results/<date>-h200-build.json
-    PYTHONPATH=core:. python benchmarks/build_bench.py --seventy /dev/shm/llama-3-70b-fp8 --out ...-70b.json
+    PYTHONPATH=core:. python benchmarks/build_bench.py --out benchmarks/results/<date>-NVIDIA_H200-build.json
 
 Each measured step runs in its own Python process (fresh CUDA context, nothing verified or cached in memory, the
 memory cap set before the first allocation), reporting one JSON line; this parent writes them to --out after each
@@ -20,8 +19,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STEP_TIMEOUT_S = {"build": 300, "load": 200, "seventy": 560}  # seconds per step (the 70B write alone is minutes)
-BLOCK_SIZE = 16  # KV-cache tokens per block of the 70B engine
+STEP_TIMEOUT_S = {"build": 300, "load": 200}  # seconds per step
 
 
 # ---- steps (each in a child process) -------------------------------------------------------------------------------
@@ -129,7 +127,8 @@ def step_load(ckpt: str, cache: str, rounding: str, device: str = "cuda", option
     result.update({f"load_{k}": v for k, v in parts.items()})
     result["weights_GBps"] = result["engine_GB"] / parts["weights_s"]
     result["cached_load_s"] = result["find_engine_s"] + sum(parts.values())  # the issue's "cached load"
-    max_seq_len = model.config.max_position_embeddings
+    max_seq_len = min(config.max_seq_len or model.config.max_position_embeddings,
+                      model.config.max_position_embeddings)  # as engine/loading.py resolves it
     limits = config.with_limits(gpu_memory(torch.device(device)))
     begin = time.perf_counter()
     runner = ModelRunner(model, limits.model_copy(update={"enforce_eager": True}), torch.device(device), dtype,
@@ -160,53 +159,7 @@ def _refuse_build(*_args):
     raise RuntimeError("the engine was not in the cache: the build step failed or used other options")
 
 
-def step_seventy(ckpt: str) -> dict:
-    """Write a 70B-shape FP8 checkpoint (compressed-tensors, per-channel weights, static activations, FP8 KV
-    scales) straight in FP8, then serve it: decode at bs1 and 128/128 at 64 concurrent, memory and KV room."""
-    import torch
-
-    from checkpoint import llama_config, write_tokenizer
-    from optimum_nvidia_core import LLM, SamplingParams
-    from benchmarks.fp8_checkpoint_writer import write_fp8_checkpoint
-
-    result = {}
-    if not (Path(ckpt) / "done").exists():
-        begin = time.perf_counter()
-        config = llama_config("llama-3-70b")
-        write_fp8_checkpoint(config, Path(ckpt), "compressed-tensors", "channel", True, True, device="cuda")
-        write_tokenizer(Path(ckpt), config.vocab_size)
-        (Path(ckpt) / "done").write_text("ok")
-        result["checkpoint_write_s"] = time.perf_counter() - begin
-    begin = time.perf_counter()
-    llm = LLM(ckpt, device="cuda", kv_cache_dtype="fp8", max_batch_size=64, block_size=BLOCK_SIZE)
-    llm.generate([[5] * 8], SamplingParams(max_tokens=2, temperature=0.0))
-    result["llm_ready_s"] = time.perf_counter() - begin
-    stats = llm.stats()
-    result["engine_stats"] = stats
-    result["kv_cache_tokens"] = stats.get("total_blocks", 0) * BLOCK_SIZE  # room in the FP8 KV cache
-    free, total = torch.cuda.mem_get_info()
-    result["device_memory_used_GiB"] = (total - free) / 2**30
-
-    def run(count: int, prompt: int, out: int) -> list:
-        import random
-
-        rng = random.Random(count)
-        prompts = [[rng.randrange(3, 128000) for _ in range(prompt)] for _ in range(count)]
-        return llm.generate(prompts, SamplingParams(max_tokens=out, min_tokens=out, temperature=0.0))
-
-    run(2, 64, 8)  # warm-up
-    (out,) = run(1, 128, 256)
-    result["decode_tok_s_bs1"] = 255 / (out.metrics.finished_time - out.metrics.first_token_time)
-    outs = run(64, 128, 128)
-    seconds = max(o.metrics.finished_time for o in outs) - min(o.metrics.arrival_time for o in outs)
-    result["output_tok_s_64x128_128"] = 64 * 128 / seconds
-    free, total = torch.cuda.mem_get_info()
-    result["device_memory_used_after_GiB"] = (total - free) / 2**30  # every process on the GPU (the engine core's)
-    llm.shutdown()
-    return result
-
-
-STEPS = {"build": step_build, "load": step_load, "seventy": step_seventy}
+STEPS = {"build": step_build, "load": step_load}
 
 
 # ---- the parent -----------------------------------------------------------------------------------------------------
@@ -234,7 +187,6 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-3-8b")
     parser.add_argument("--cap-gib", type=float, default=12.0, help="GPU memory cap of the capped GPTQ build")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip: nearest, load")
-    parser.add_argument("--seventy", default=None, help="only the 70B step, its checkpoint in this directory")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -249,16 +201,13 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # No CUDA in this parent: its context would take GPU memory from the steps. Each step reports the GPU.
-    result = {"date": time.strftime("%Y-%m-%d"), "shape": "llama-3-70b" if args.seventy else args.shape}
+    result = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape}
 
     def save(key: str, value: dict) -> None:
         result[key] = value
         print(key, json.dumps(value, default=str), flush=True)
         out.write_text(json.dumps(result, indent=1, default=str))
 
-    if args.seventy:
-        save("llama-3-70b_fp8", run_step("seventy", ckpt=args.seventy))
-        return
     sys.path.insert(0, str(HERE))
     from checkpoint import write_checkpoint
 
