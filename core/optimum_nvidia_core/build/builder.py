@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -28,8 +27,6 @@ WEIGHTS_NAME = "model.safetensors"
 # Source files that are weights (re-written by us) or ours; everything else (config, tokenizer, chat template,
 # generation config) is copied into the engine so it loads on its own.
 _NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".index.json", ".lock")
-_FULL_HASH_LIMIT = 64 << 20  # files up to this size are hashed whole; bigger ones get a sampled fingerprint
-_SAMPLE_BYTES = 4 << 20
 
 
 def resolve_device_dtype(config) -> tuple[torch.device, torch.dtype]:
@@ -54,32 +51,15 @@ def project_version() -> str:
         return "0+source"
 
 
-def file_fingerprint(path: Path) -> str:
-    """Content identity of a source file, cheap even for 15 GB shards.
-
-    A file in the Hugging Face cache is a link to a blob named by its sha256: that name is the hash. Small files
-    are hashed whole. Big local files: sha256 of their size plus their first and last 4 MiB (a changed shard
-    almost always changes size or its ends; hashing 15 GB at every start would cost more than the load)."""
-    resolved = path.resolve()
-    if path.is_symlink() and resolved.parent.name == "blobs" and len(resolved.name) == 64:
-        return "sha256:" + resolved.name
-    size = resolved.stat().st_size
-    if size <= _FULL_HASH_LIMIT:
-        return "sha256:" + engine_dir.file_sha256(resolved)
-    digest = hashlib.sha256(str(size).encode())
-    with open(resolved, "rb") as f:
-        digest.update(f.read(_SAMPLE_BYTES))
-        f.seek(size - _SAMPLE_BYTES)
-        digest.update(f.read(_SAMPLE_BYTES))
-    return "sampled-sha256:" + digest.hexdigest()
-
-
 def source_description(model_dir: Path) -> dict:
-    files = {p.name: file_fingerprint(p) for p in sorted(Path(model_dir).iterdir())
-             if p.is_file() and not p.name.startswith(".") and p.name != engine_dir.MANIFEST_NAME}
+    """The source's identity in the cache key: the content hash of every file (build/source_fingerprint.py)."""
+    from optimum_nvidia_core.build.source_fingerprint import fingerprints
+
+    paths = [p for p in sorted(Path(model_dir).iterdir())
+             if p.is_file() and not p.name.startswith(".") and p.name != engine_dir.MANIFEST_NAME]
     # A Hugging Face snapshot dir is named by its commit: that is the resolved revision.
     revision = model_dir.name if model_dir.parent.name == "snapshots" else None
-    return {"revision": revision, "files": files}
+    return {"revision": revision, "files": fingerprints(paths)}
 
 
 def make_manifest(model_dir: Path, config, samples: list | None) -> dict:
