@@ -13,7 +13,8 @@ written, checked then (memory-backed /dev/shm first while RAM to spare remains, 
 speed, then the disk), and is linked into one checkpoint directory on the disk. Too little room in all is an error
 before anything is written. Every file this script wrote is removed at the end, also after an error or SIGTERM
 (``--keep`` leaves them, for a later ``--checkpoint DIR`` run; files of a given ``--checkpoint`` are never removed).
-Results are written to ``--out`` after every phase, so a time-out still leaves the phases done.
+Results are written to ``--out`` after every phase; past ``--time-limit-s`` the script stops itself (SIGTERM) so that
+it still removes its files inside a 10-minute GPU call.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -199,13 +201,17 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=256, help="output tokens of the batch-1 decode")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--time-limit-s", type=float, default=570.0,
+                        help="stop (results so far kept, files removed) after this long: a GPU call ends at 600 s")
     args = parser.parse_args()
     sys.path[:0] = [str(HERE.parent / "core"), str(HERE.parent), str(HERE)]  # the package, benchmarks.*, checkpoint
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a time-out's SIGTERM still cleans up (finally)
+    watchdog = threading.Timer(args.time_limit_s, os.kill, (os.getpid(), signal.SIGTERM))
+    watchdog.daemon = True
+    watchdog.start()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = model_config(args.shape, args.layers)
-    result = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "layers": config.num_hidden_layers,
+    result = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape,
               "layout": "compressed-tensors FP8, per-channel weights, static activations, FP8 KV scales",
               "phases_s": {}, "targets": TARGETS}
 
@@ -214,6 +220,8 @@ def main() -> None:
 
     made: list[Path] = []
     try:
+        config = model_config(args.shape, args.layers)
+        result["layers"] = config.num_hidden_layers
         if args.checkpoint:
             ckpt = Path(args.checkpoint)
         else:

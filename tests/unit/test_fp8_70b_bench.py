@@ -77,3 +77,16 @@ def test_the_smoke_run_serves_measures_and_removes_its_files(tmp_path):
     assert result["checkpoint_GB"] > 0 and sum(result["written_GB"].values()) == pytest.approx(result["checkpoint_GB"])
     assert result["removed"] and not any(Path(p).exists() for p in result["removed"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json", "shm"]  # nothing else left behind
+
+
+def test_past_its_time_limit_the_script_stops_and_still_removes_its_files(tmp_path):
+    out = tmp_path / "result.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "fp8_70b.py"), "--shape", "smoke", "--device", "cpu",
+               "--out", str(out), "--disk-dir", str(tmp_path), "--shm-dir", "", "--time-limit-s", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": f"{REPO / 'core'}{os.pathsep}{REPO}"})
+    assert done.returncode == 143, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["error"] == "SystemExit: 143" and "decode_tok_s_bs1" not in result
+    assert not any(Path(p).exists() for p in result.get("removed", []))  # (none made if it stopped in the imports)
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
