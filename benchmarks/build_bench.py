@@ -31,6 +31,7 @@ def step_build(ckpt: str, cache: str, rounding: str, cap_gib: float | None) -> d
     from optimum_nvidia_core.build import get_or_build, load_engine
     from optimum_nvidia_core.config import EngineConfig
 
+    os.environ["OPTIMUM_NVIDIA_CACHE"] = str(Path(cache).parent)  # engines and source fingerprints both in there
     result = {"rounding": rounding, "cap_GiB": cap_gib}
     if cap_gib:
         torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
@@ -90,10 +91,10 @@ def _free_memory(device: str) -> None:
 def step_load(ckpt: str, cache: str, rounding: str, device: str = "cuda", options: dict | None = None) -> dict:
     """A cached start in a fresh process, part by part, then end to end.
 
-    Parts: imports; finding the engine (source fingerprint + calibration hash + verification, which trusts the stat
-    stamps of the build's full check: build/engine_dir.py); what hashing every file would cost instead; the engine's
-    layout on the meta device and its weights onto the GPU; the KV cache; the CUDA graphs per family (with the FP8
-    GEMM tuner's first calls inside their warm-ups). Then ``LLM(...)`` (engine core process included) up to a first
+    Parts: imports; finding the engine (the source's fingerprint, remembered by the build: build/source_fingerprint.py;
+    the calibration hash; verification, trusting the stat stamps of the build's full check: build/engine_dir.py);
+    what hashing every engine file would cost instead; the engine's layout on the meta device and its weights onto
+    the GPU; the KV cache; the CUDA graphs per family (the FP8 GEMM tuner's first calls run in their warm-ups). Then ``LLM(...)`` (engine core process included) up to a first
     token, timed end to end: the target's figure. ``device="cpu"`` and ``options`` (more EngineConfig fields): the
     CPU smoke run of tests/unit/test_build_bench.py (no graphs there)."""
     begin = time.perf_counter()
@@ -108,6 +109,7 @@ def step_load(ckpt: str, cache: str, rounding: str, device: str = "cuda", option
     if device == "cuda":
         torch.cuda.init()
     result = {"imports_and_cuda_init_s": time.perf_counter() - begin}
+    os.environ["OPTIMUM_NVIDIA_CACHE"] = str(Path(cache).parent)  # as the build step: the engine cache is cache
     options = {"use_fp8": True, "weight_rounding": rounding, "device": device, **(options or {})}
     config = EngineConfig(model=ckpt, **options)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -145,7 +147,6 @@ def step_load(ckpt: str, cache: str, rounding: str, device: str = "cuda", option
     result["limits"] = {"max_batch_size": limits.max_batch_size, "max_num_tokens": limits.max_num_tokens}
     del runner, graphs, model
     _free_memory(device)
-    os.environ["OPTIMUM_NVIDIA_CACHE"] = str(Path(cache).parent)  # so that engine_cache_root() == cache
     begin = time.perf_counter()
     llm = LLM(ckpt, **options)
     result["llm_start_s"] = time.perf_counter() - begin
