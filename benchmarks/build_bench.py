@@ -128,6 +128,7 @@ def step_load(ckpt: str, cache: str, rounding: str, device: str = "cuda", option
     parts["fuse_s"] = time.perf_counter() - begin
     result.update({f"load_{k}": v for k, v in parts.items()})
     result["weights_GBps"] = result["engine_GB"] / parts["weights_s"]
+    result["weights_load_file_s"] = _time_load_file(engine, device)  # safetensors' own reader, for comparison
     result["cached_load_s"] = result["find_engine_s"] + sum(parts.values())  # the issue's "cached load"
     max_seq_len = min(config.max_seq_len or model.config.max_position_embeddings,
                       model.config.max_position_embeddings)  # as engine/loading.py resolves it
@@ -154,6 +155,22 @@ def step_load(ckpt: str, cache: str, rounding: str, device: str = "cuda", option
     result["llm_ready_s"] = time.perf_counter() - begin  # end to end: process, load, KV cache, graphs, first token
     llm.shutdown()
     return result
+
+
+def _time_load_file(engine: Path, device: str) -> float:
+    """Seconds safetensors.torch.load_file takes to put the engine's weight files on ``device`` (then freed)."""
+    from safetensors.torch import load_file
+
+    from optimum_nvidia_core.build.builder import engine_weight_files
+
+    begin = time.perf_counter()
+    for file in engine_weight_files(engine):
+        state = load_file(str(file), device=device)
+        _sync(device)
+        del state
+    seconds = time.perf_counter() - begin
+    _free_memory(device)
+    return seconds
 
 
 def _refuse_build(*_args):

@@ -284,11 +284,14 @@ def assign_saved_tensors(model: nn.Module, files: list[Path], device: torch.devi
     model's dtype for it. Every tensor of the model must be given exactly once (tied embeddings: either name)."""
     from safetensors.torch import load_file
 
+    from optimum_nvidia_core.build.safetensors_reader import load_to_device
+
     expected = model.state_dict()  # meta tensors: names, shapes and dtypes
     tied = getattr(model, "tie_word_embeddings", False)
     seen, unexpected = set(), []
     for file in files:
-        state = load_file(str(file), device=str(device))
+        # On the GPU: one read through pinned buffers. On the CPU, safetensors' memory map costs nothing until used.
+        state = load_to_device(file, device) if device.type == "cuda" else load_file(str(file), device=str(device))
         if tied and "lm_head.weight" in state:
             state.setdefault("model.embed_tokens.weight", state.pop("lm_head.weight"))
         for name, tensor in state.items():
