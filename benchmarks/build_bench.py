@@ -1,9 +1,8 @@
-"""FP8 build benchmark (issue 19) on one GPU: build time (GPTQ and nearest rounding), cached load, a build under a
-GPU memory cap smaller than the bf16 model, peak memory; and (--seventy) a 70B-shape FP8 checkpoint written
-straight in the compressed-tensors layout, loaded and served.
+"""FP8 build benchmark (issue 19) on one GPU, Llama-3-8B shape: build time (GPTQ and nearest rounding), a GPTQ build
+under a GPU memory cap smaller than the bf16 model (torch's per-process memory fraction = --cap-gib, 12 GiB), peak
+memory, and a cached start part by part. The 70B-shape FP8 model served on one GPU: benchmarks/fp8_70b.py.
 
-    PYTHONPATH=core:. python benchmarks/build_bench.py --out benchmarks/results/<date>-h200-build.json
-    PYTHONPATH=core:. python benchmarks/build_bench.py --seventy /dev/shm/llama-3-70b-fp8 --out ...-70b.json
+    PYTHONPATH=core:. python benchmarks/build_bench.py --out benchmarks/results/<date>-NVIDIA_H200-build.json
 
 Each measured step runs in its own Python process (fresh CUDA context, nothing verified or cached in memory, the
 memory cap set before the first allocation), reporting one JSON line; this parent writes them to --out after each
@@ -20,8 +19,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STEP_TIMEOUT_S = {"build": 300, "load": 200, "seventy": 560}  # seconds per step (the 70B write alone is minutes)
-BLOCK_SIZE = 16  # KV-cache tokens per block of the 70B engine
+STEP_TIMEOUT_S = {"build": 300, "load": 200}  # seconds per step
 
 
 # ---- steps (each in a child process) -------------------------------------------------------------------------------
@@ -33,6 +31,7 @@ def step_build(ckpt: str, cache: str, rounding: str, cap_gib: float | None) -> d
     from optimum_nvidia_core.build import get_or_build, load_engine
     from optimum_nvidia_core.config import EngineConfig
 
+    os.environ["OPTIMUM_NVIDIA_CACHE"] = str(Path(cache).parent)  # engines and source fingerprints both in there
     result = {"rounding": rounding, "cap_GiB": cap_gib}
     if cap_gib:
         torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
@@ -68,88 +67,117 @@ def _bf16_fits(ckpt: str) -> dict:
         fits = {"fits": True}
     except torch.OutOfMemoryError as error:
         fits = {"fits": False, "error": str(error).splitlines()[0][:200]}
-    torch.cuda.empty_cache()  # whatever was allocated is garbage now
+    _free_memory("cuda")  # whatever was allocated is garbage now
     return fits
 
 
-def step_load(ckpt: str, cache: str, rounding: str) -> dict:
-    """A fresh process finds the cached engine (verifying every file), loads it, then starts a serving LLM."""
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free_memory(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()  # a failed load's tensors may sit in reference cycles (the exception's frames)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def step_load(ckpt: str, cache: str, rounding: str, device: str = "cuda", options: dict | None = None) -> dict:
+    """A cached start in a fresh process, part by part, then end to end.
+
+    Parts: imports; finding the engine (the source's fingerprint, remembered by the build: build/source_fingerprint.py;
+    the calibration hash; verification, trusting the stat stamps of the build's full check: build/engine_dir.py);
+    what hashing every engine file would cost instead; the engine's layout on the meta device and its weights onto
+    the GPU; the KV cache; the CUDA graphs per family (the FP8 GEMM tuner's first calls run in their warm-ups). Then ``LLM(...)`` (engine core process included) up to a first
+    token, timed end to end: the target's figure. ``device="cpu"`` and ``options`` (more EngineConfig fields): the
+    CPU smoke run of tests/unit/test_build_bench.py (no graphs there)."""
+    begin = time.perf_counter()
     import torch
 
     from optimum_nvidia_core import LLM, SamplingParams
-    from optimum_nvidia_core.build import get_or_build, load_engine
+    from optimum_nvidia_core.build import engine_dir, get_or_build, load_engine
     from optimum_nvidia_core.config import EngineConfig
+    from optimum_nvidia_core.devices import gpu_memory
+    from optimum_nvidia_core.engine.model_runner import ModelRunner
 
-    config = EngineConfig(model=ckpt, use_fp8=True, weight_rounding=rounding, device="cuda")
+    if device == "cuda":
+        torch.cuda.init()
+    result = {"imports_and_cuda_init_s": time.perf_counter() - begin}
+    os.environ["OPTIMUM_NVIDIA_CACHE"] = str(Path(cache).parent)  # as the build step: the engine cache is cache
+    options = {"use_fp8": True, "weight_rounding": rounding, "device": device, **(options or {})}
+    config = EngineConfig(model=ckpt, **options)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     begin = time.perf_counter()
     engine = get_or_build(Path(ckpt), config, cache_root=Path(cache), build_fn=_refuse_build)
-    verified = time.perf_counter()
-    model = load_engine(engine, torch.bfloat16, "cuda", verify=False)
-    torch.cuda.synchronize()
-    result = {"verify_s": verified - begin, "load_engine_s": time.perf_counter() - verified,
-              "cached_load_s": time.perf_counter() - begin}
-    del model
-    torch.cuda.empty_cache()
-    os.environ["OPTIMUM_NVIDIA_CACHE"] = str(Path(cache).parent)  # so that engine_cache_root() == cache
+    result["find_engine_s"] = time.perf_counter() - begin
+    result["stamps_trusted"] = (engine / engine_dir.STAMP_NAME).is_file()
     begin = time.perf_counter()
-    llm = LLM(ckpt, device="cuda", use_fp8=True, weight_rounding=rounding)
+    engine_dir.verify_engine_dir(engine, full=True)
+    result["full_hash_s"] = time.perf_counter() - begin  # what finding the engine cost before the stamps
+    result["engine_GB"] = sum(p.stat().st_size for p in engine.iterdir()) / 1e9
+    parts: dict = {}
+    model = load_engine(engine, dtype, device, verify=False, timings=parts)
+    begin = time.perf_counter()
+    model.fuse_fp8_input_quantization()
+    parts["fuse_s"] = time.perf_counter() - begin
+    result.update({f"load_{k}": v for k, v in parts.items()})
+    result["weights_GBps"] = result["engine_GB"] / parts["weights_s"]
+    result["weights_load_file_s"] = _time_load_file(engine, device)  # safetensors' own reader, for comparison
+    result["cached_load_s"] = result["find_engine_s"] + sum(parts.values())  # the issue's "cached load"
+    max_seq_len = min(config.max_seq_len or model.config.max_position_embeddings,
+                      model.config.max_position_embeddings)  # as engine/loading.py resolves it
+    limits = config.with_limits(gpu_memory(torch.device(device)))
+    begin = time.perf_counter()
+    runner = ModelRunner(model, limits.model_copy(update={"enforce_eager": True}), torch.device(device), dtype,
+                         max_seq_len, [2])
+    _sync(device)
+    result["kv_cache_s"] = time.perf_counter() - begin
+    result["kv_cache_tokens"] = runner.num_blocks * limits.block_size
+    runner.config = limits  # the graphs the engine captures with these limits
+    begin = time.perf_counter()
+    graphs = runner._maybe_graphs()
+    result["cuda_graphs_s"] = time.perf_counter() - begin
+    result["cuda_graphs_by_family_s"] = dict(graphs.capture_seconds) if graphs else None
+    result["cuda_graphs_count"] = {f: len(g) for f, g in graphs.families.items()} if graphs else None
+    result["limits"] = {"max_batch_size": limits.max_batch_size, "max_num_tokens": limits.max_num_tokens}
+    del runner, graphs, model
+    _free_memory(device)
+    begin = time.perf_counter()
+    llm = LLM(ckpt, **options)
+    result["llm_start_s"] = time.perf_counter() - begin
     llm.generate([[5] * 8], SamplingParams(max_tokens=2, temperature=0.0))
-    result["llm_ready_s"] = time.perf_counter() - begin  # load + KV-cache allocation + CUDA graphs + warm-up
+    result["llm_ready_s"] = time.perf_counter() - begin  # end to end: process, load, KV cache, graphs, first token
     llm.shutdown()
     return result
+
+
+def _time_load_file(engine: Path, device: str) -> float:
+    """Seconds safetensors.torch.load_file takes to put the engine's weight files on ``device`` (then freed)."""
+    from safetensors.torch import load_file
+
+    from optimum_nvidia_core.build.builder import engine_weight_files
+
+    begin = time.perf_counter()
+    for file in engine_weight_files(engine):
+        state = load_file(str(file), device=device)
+        _sync(device)
+        del state
+    seconds = time.perf_counter() - begin
+    _free_memory(device)
+    return seconds
 
 
 def _refuse_build(*_args):
     raise RuntimeError("the engine was not in the cache: the build step failed or used other options")
 
 
-def step_seventy(ckpt: str) -> dict:
-    """Write a 70B-shape FP8 checkpoint (compressed-tensors, per-channel weights, static activations, FP8 KV
-    scales) straight in FP8, then serve it: decode at bs1 and 128/128 at 64 concurrent, memory and KV room."""
-    import torch
-
-    from checkpoint import llama_config, write_tokenizer
-    from optimum_nvidia_core import LLM, SamplingParams
-    from benchmarks.fp8_checkpoint_writer import write_fp8_checkpoint
-
-    result = {}
-    if not (Path(ckpt) / "done").exists():
-        begin = time.perf_counter()
-        config = llama_config("llama-3-70b")
-        write_fp8_checkpoint(config, Path(ckpt), "compressed-tensors", "channel", True, True, device="cuda")
-        write_tokenizer(Path(ckpt), config.vocab_size)
-        (Path(ckpt) / "done").write_text("ok")
-        result["checkpoint_write_s"] = time.perf_counter() - begin
-    begin = time.perf_counter()
-    llm = LLM(ckpt, device="cuda", kv_cache_dtype="fp8", max_batch_size=64, block_size=BLOCK_SIZE)
-    llm.generate([[5] * 8], SamplingParams(max_tokens=2, temperature=0.0))
-    result["llm_ready_s"] = time.perf_counter() - begin
-    stats = llm.stats()
-    result["engine_stats"] = stats
-    result["kv_cache_tokens"] = stats.get("total_blocks", 0) * BLOCK_SIZE  # room in the FP8 KV cache
-    free, total = torch.cuda.mem_get_info()
-    result["device_memory_used_GiB"] = (total - free) / 2**30
-
-    def run(count: int, prompt: int, out: int) -> list:
-        import random
-
-        rng = random.Random(count)
-        prompts = [[rng.randrange(3, 128000) for _ in range(prompt)] for _ in range(count)]
-        return llm.generate(prompts, SamplingParams(max_tokens=out, min_tokens=out, temperature=0.0))
-
-    run(2, 64, 8)  # warm-up
-    (out,) = run(1, 128, 256)
-    result["decode_tok_s_bs1"] = 255 / (out.metrics.finished_time - out.metrics.first_token_time)
-    outs = run(64, 128, 128)
-    seconds = max(o.metrics.finished_time for o in outs) - min(o.metrics.arrival_time for o in outs)
-    result["output_tok_s_64x128_128"] = 64 * 128 / seconds
-    free, total = torch.cuda.mem_get_info()
-    result["device_memory_used_after_GiB"] = (total - free) / 2**30  # every process on the GPU (the engine core's)
-    llm.shutdown()
-    return result
-
-
-STEPS = {"build": step_build, "load": step_load, "seventy": step_seventy}
+STEPS = {"build": step_build, "load": step_load}
 
 
 # ---- the parent -----------------------------------------------------------------------------------------------------
@@ -177,7 +205,6 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-3-8b")
     parser.add_argument("--cap-gib", type=float, default=12.0, help="GPU memory cap of the capped GPTQ build")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip: nearest, load")
-    parser.add_argument("--seventy", default=None, help="only the 70B step, its checkpoint in this directory")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -192,16 +219,13 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # No CUDA in this parent: its context would take GPU memory from the steps. Each step reports the GPU.
-    result = {"date": time.strftime("%Y-%m-%d"), "shape": "llama-3-70b" if args.seventy else args.shape}
+    result = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape}
 
     def save(key: str, value: dict) -> None:
         result[key] = value
         print(key, json.dumps(value, default=str), flush=True)
         out.write_text(json.dumps(result, indent=1, default=str))
 
-    if args.seventy:
-        save("llama-3-70b_fp8", run_step("seventy", ckpt=args.seventy))
-        return
     sys.path.insert(0, str(HERE))
     from checkpoint import write_checkpoint
 

@@ -11,7 +11,10 @@ original would not fit the disk). Layouts as in the public releases (see models/
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -54,34 +57,36 @@ def modelopt_configs(weight_scale: str, kv_cache: bool) -> tuple[dict, dict]:
 def write_fp8_checkpoint(config, out_dir: Path, producer: str = "compressed-tensors", weight_scale: str = "tensor",
                          static_activations: bool = True, kv_cache: bool = True, dtype: torch.dtype = torch.bfloat16,
                          std: float = 0.02, seed: int = 0, device: str = "cpu", max_shard_bytes: int = 5 << 30,
-                         modelopt_in_config: bool = True) -> Path:
-    """Write config.json (+ hf_quant_config.json for ModelOpt) and sharded safetensors of random FP8 weights."""
-    from benchmarks.checkpoint import hf_weight_shapes
+                         modelopt_in_config: bool = True, place: Callable[[str, int], Path] | None = None) -> Path:
+    """Write config.json (+ hf_quant_config.json for ModelOpt) and sharded safetensors of random FP8 weights.
 
+    Each shard is written as soon as it is made, so the host holds one shard at most (a 70B checkpoint is ~73 GB).
+    ``place(file_name, nbytes)``: the directory that shard goes to (default ``out_dir``); a shard placed elsewhere is
+    linked into ``out_dir`` (the index names plain file names, as in any checkpoint)."""
     if producer == "modelopt" and (weight_scale == "tensor") != static_activations:
         raise ValueError("ModelOpt writes FP8 (per-tensor, static) or FP8_PER_CHANNEL_PER_TOKEN (channel, dynamic)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(seed)
     scale_dtype = dtype if producer == "compressed-tensors" else torch.float32
-    shards, current, size = [], {}, 0
-    for name, shape in hf_weight_shapes(config).items():
-        module, _, leaf = name.rpartition(".")
-        tensors = {name: _random(shape, std, name.endswith("norm.weight"), generator, device).to(dtype)}
-        if module.rsplit(".", 1)[-1] in _LINEARS and leaf == "weight":
-            tensors = _quantized(module, tensors[name].float(), producer, weight_scale, static_activations,
-                                 scale_dtype, generator)
-        if kv_cache and module.endswith("self_attn.k_proj") and leaf == "weight":
-            tensors.update(_kv_scales(module.rsplit(".", 1)[0], producer, scale_dtype, generator, device))
-        for tensor_name, tensor in tensors.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[tensor_name] = tensor.cpu()
-            size += nbytes
-    shards.append(current)
-    _save_shards(shards, out_dir)
+    shards = plan_shards(config, dtype, max_shard_bytes)
+    weight_map = {}
+    for i, (names, nbytes) in enumerate(shards):
+        tensors = {}
+        for name, shape in names:
+            module, _, leaf = name.rpartition(".")
+            made = {name: _random(shape, std, name.endswith("norm.weight"), generator, device).to(dtype)}
+            if _is_fp8_weight(name):
+                made = _quantized(module, made[name].float(), producer, weight_scale, static_activations, scale_dtype,
+                                  generator)
+            if kv_cache and module.endswith("self_attn.k_proj") and leaf == "weight":
+                made.update(_kv_scales(module.rsplit(".", 1)[0], producer, scale_dtype, generator, device))
+            tensors.update({n: t.cpu() for n, t in made.items()})
+        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _save_shard(tensors, out_dir, file, place(file, nbytes) if place else out_dir)
+        weight_map.update(dict.fromkeys(tensors, file))
+    if len(shards) > 1:
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     if producer == "compressed-tensors":
         config.quantization_config = compressed_tensors_config(weight_scale, static_activations, kv_cache)
     else:
@@ -91,6 +96,33 @@ def write_fp8_checkpoint(config, out_dir: Path, producer: str = "compressed-tens
             config.quantization_config = converted
     config.save_pretrained(str(out_dir))
     return out_dir
+
+
+def plan_shards(config, dtype: torch.dtype, max_shard_bytes: int) -> list[tuple[list[tuple[str, tuple]], int]]:
+    """[(the (name, shape) of each source tensor in the shard, the shard's bytes)]: FP8 weights count one byte per
+    element, the rest ``dtype``'s size; their scales (a few bytes per row) are left out of the count."""
+    from benchmarks.checkpoint import hf_weight_shapes
+
+    shards, current, size = [], [], 0
+    for name, shape in hf_weight_shapes(config).items():
+        nbytes = math.prod(shape) * (1 if _is_fp8_weight(name) else dtype.itemsize)
+        if current and size + nbytes > max_shard_bytes:
+            shards.append((current, size))
+            current, size = [], 0
+        current.append((name, shape))
+        size += nbytes
+    shards.append((current, size))
+    return shards
+
+
+def checkpoint_bytes(config, dtype: torch.dtype = torch.bfloat16) -> int:
+    """About the bytes write_fp8_checkpoint writes for ``config`` (without scales and headers)."""
+    return sum(nbytes for _, nbytes in plan_shards(config, dtype, 1 << 62))
+
+
+def _is_fp8_weight(name: str) -> bool:
+    module, _, leaf = name.rpartition(".")
+    return leaf == "weight" and module.rsplit(".", 1)[-1] in _LINEARS
 
 
 def _random(shape, std: float, is_norm: bool, generator: torch.Generator, device: str) -> torch.Tensor:
@@ -125,15 +157,11 @@ def _kv_scales(attention: str, producer: str, scale_dtype: torch.dtype, generato
     return {f"{attention}.k_proj.k_scale": k.reshape(()).float(), f"{attention}.v_proj.v_scale": v.reshape(()).float()}
 
 
-def _save_shards(shards: list[dict[str, torch.Tensor]], out_dir: Path) -> None:
+def _save_shard(tensors: dict[str, torch.Tensor], out_dir: Path, file: str, where: Path) -> None:
     from safetensors.torch import save_file
 
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    where = Path(where)
+    where.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(where / file), metadata={"format": "pt"})
+    if where.resolve() != out_dir.resolve():
+        os.symlink(where.resolve() / file, out_dir / file)

@@ -74,6 +74,48 @@ def test_changed_source_weights_rebuild(tmp_path):
     assert first != second and build.calls == 2
 
 
+@pytest.fixture
+def remembered_hashes(tmp_path, monkeypatch) -> list:
+    """Every source file takes the big-file path (hashed once, remembered under a fresh project cache); returns the
+    list of files hashed."""
+    from optimum_nvidia_core.build import source_fingerprint
+
+    monkeypatch.setenv("OPTIMUM_NVIDIA_CACHE", str(tmp_path / "project-cache"))
+    monkeypatch.setattr(source_fingerprint, "FULL_HASH_LIMIT", 0)
+    hashed = []
+    real = source_fingerprint.file_sha256
+    monkeypatch.setattr(source_fingerprint, "file_sha256", lambda path: hashed.append(path.name) or real(path))
+    return hashed
+
+
+def test_big_source_files_are_hashed_once_then_trusted_while_unchanged(remembered_hashes, tmp_path):
+    source = make_tiny_checkpoint(tmp_path / "model", seed=1)
+    files = sorted(p.name for p in source.iterdir())
+    build = CountingBuilder()
+    first = get_or_build(source, _config(source), build, cache_root=tmp_path / "cache")
+    assert sorted(remembered_hashes) == files
+    remembered_hashes.clear()
+    assert get_or_build(source, _config(source), build, cache_root=tmp_path / "cache") == first
+    assert remembered_hashes == []  # stamps unchanged: nothing read
+    os.utime(source / "config.json")  # touched, not changed: hashed again, same content, same engine
+    assert get_or_build(source, _config(source), build, cache_root=tmp_path / "cache") == first
+    assert remembered_hashes == ["config.json"] and build.calls == 1
+
+
+def test_a_shard_rewritten_with_its_size_header_and_mtime_kept_rebuilds(remembered_hashes, tmp_path):
+    source = make_tiny_checkpoint(tmp_path / "model", seed=1)
+    build = CountingBuilder()
+    first = get_or_build(source, _config(source), build, cache_root=tmp_path / "cache")
+    weights = next(source.glob("*.safetensors"))
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one weight in the middle: a partial fine-tune saved over its base
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = get_or_build(source, _config(source), build, cache_root=tmp_path / "cache")
+    assert second != first and build.calls == 2
+
+
 @pytest.mark.parametrize("damage", ["truncate_weights", "flip_weight_byte", "edit_manifest", "drop_manifest",
                                     "delete_tokenizer"])
 def test_damaged_entry_is_detected_and_rebuilt(tiny_dir, tmp_path, damage):

@@ -107,3 +107,48 @@ def test_a_manifest_entry_without_size_or_hash_is_named(engine, field):
 
 def test_an_intact_engine_still_loads_the_same(engine, saved):
     assert _load_and_generate(engine) == _load_and_generate(saved)
+
+
+def _count_hashes(monkeypatch) -> list:
+    hashed = []
+    real = engine_dir.file_sha256
+    monkeypatch.setattr(engine_dir, "file_sha256", lambda path: hashed.append(path) or real(path))
+    return hashed
+
+
+def test_a_later_process_trusts_the_stamps_until_a_file_changes(engine, monkeypatch):
+    hashed = _count_hashes(monkeypatch)
+    engine_dir._verified.clear()  # as in a fresh process: only the stamp file next to the manifest is left
+    assert (engine / engine_dir.STAMP_NAME).is_file()
+    verify_engine_dir(engine)
+    assert hashed == []
+    verify_engine_dir(engine, full=True)
+    assert len(hashed) == len(read_manifest(engine)["files"])
+    engine_dir._verified.clear()
+    _rewrite_keeping_size_and_mtime(engine / "model.safetensors")  # ctime moves: the stamp no longer matches
+    with pytest.raises(EngineDirError, match="sha256 mismatch"):
+        verify_engine_dir(engine)
+
+
+def test_a_copied_engine_with_its_stamp_file_is_hashed_again(engine, tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(engine, copy)  # copy2: mtimes kept, the stamp file comes along, the inodes are new
+    hashed = _count_hashes(monkeypatch)
+    engine_dir._verified.clear()
+    verify_engine_dir(copy)
+    assert len(hashed) == len(read_manifest(copy)["files"])
+    hashed.clear()
+    engine_dir._verified.clear()
+    verify_engine_dir(copy)  # the copy now has stamps of its own
+    assert hashed == []
+
+
+def test_an_engine_whose_stamp_cannot_be_written_is_hashed_every_time(engine, monkeypatch):
+    (engine / engine_dir.STAMP_NAME).unlink()
+    (engine / engine_dir.STAMP_NAME).mkdir()  # as unwritable as it gets when the tests run as root
+    hashed = _count_hashes(monkeypatch)
+    for _ in range(2):
+        engine_dir._verified.clear()
+        verify_engine_dir(engine)
+    assert len(hashed) == 2 * len(read_manifest(engine)["files"])
+    assert _load_and_generate(engine)  # still loads

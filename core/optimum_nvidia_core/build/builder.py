@@ -6,9 +6,9 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -27,8 +27,6 @@ WEIGHTS_NAME = "model.safetensors"
 # Source files that are weights (re-written by us) or ours; everything else (config, tokenizer, chat template,
 # generation config) is copied into the engine so it loads on its own.
 _NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".index.json", ".lock")
-_FULL_HASH_LIMIT = 64 << 20  # files up to this size are hashed whole; bigger ones get a sampled fingerprint
-_SAMPLE_BYTES = 4 << 20
 
 
 def resolve_device_dtype(config) -> tuple[torch.device, torch.dtype]:
@@ -53,32 +51,15 @@ def project_version() -> str:
         return "0+source"
 
 
-def file_fingerprint(path: Path) -> str:
-    """Content identity of a source file, cheap even for 15 GB shards.
-
-    A file in the Hugging Face cache is a link to a blob named by its sha256: that name is the hash. Small files
-    are hashed whole. Big local files: sha256 of their size plus their first and last 4 MiB (a changed shard
-    almost always changes size or its ends; hashing 15 GB at every start would cost more than the load)."""
-    resolved = path.resolve()
-    if path.is_symlink() and resolved.parent.name == "blobs" and len(resolved.name) == 64:
-        return "sha256:" + resolved.name
-    size = resolved.stat().st_size
-    if size <= _FULL_HASH_LIMIT:
-        return "sha256:" + engine_dir.file_sha256(resolved)
-    digest = hashlib.sha256(str(size).encode())
-    with open(resolved, "rb") as f:
-        digest.update(f.read(_SAMPLE_BYTES))
-        f.seek(size - _SAMPLE_BYTES)
-        digest.update(f.read(_SAMPLE_BYTES))
-    return "sampled-sha256:" + digest.hexdigest()
-
-
 def source_description(model_dir: Path) -> dict:
-    files = {p.name: file_fingerprint(p) for p in sorted(Path(model_dir).iterdir())
-             if p.is_file() and not p.name.startswith(".") and p.name != engine_dir.MANIFEST_NAME}
+    """The source's identity in the cache key: the content hash of every file (build/source_fingerprint.py)."""
+    from optimum_nvidia_core.build.source_fingerprint import fingerprints
+
+    paths = [p for p in sorted(Path(model_dir).iterdir())
+             if p.is_file() and not p.name.startswith(".") and p.name != engine_dir.MANIFEST_NAME]
     # A Hugging Face snapshot dir is named by its commit: that is the resolved revision.
     revision = model_dir.name if model_dir.parent.name == "snapshots" else None
-    return {"revision": revision, "files": files}
+    return {"revision": revision, "files": fingerprints(paths)}
 
 
 def make_manifest(model_dir: Path, config, samples: list | None) -> dict:
@@ -230,18 +211,22 @@ def _manifest_for_loaded(model: nn.Module, src: Path) -> dict:
             "model_name": src.name, "source_dir": str(src)}
 
 
-def load_engine(engine_path: Path, dtype: torch.dtype, device: torch.device | str, verify: bool = True) -> nn.Module:
+def load_engine(engine_path: Path, dtype: torch.dtype, device: torch.device | str, verify: bool = True,
+                timings: dict | None = None) -> nn.Module:
     """Load a verified engine dir: the model with Fp8Linear modules where it was quantized, and its KV scales.
 
     The model is laid out on the meta device and each saved tensor becomes its parameter directly, so loading
     never holds more than the engine's own weights (a 70B FP8 engine loads on one 141 GB GPU). Raises
-    EngineDirError for a partial or corrupted directory (never loads one)."""
+    EngineDirError for a partial or corrupted directory (never loads one). ``timings``: filled with the seconds of
+    each part (verify_s, layout_s, weights_s; benchmarks/build_bench.py reports them)."""
     from transformers import AutoConfig
 
     from optimum_nvidia_core.models.loader import build_model
 
     engine_path, device = Path(engine_path), torch.device(device)
+    clock = _Clock(timings, device)
     manifest = engine_dir.verify_engine_dir(engine_path) if verify else engine_dir.read_manifest(engine_path)
+    clock.lap("verify_s")
     recipe = Fp8Recipe.from_dict(manifest["identity"]["recipe"])
     if recipe.use_fp8 or recipe.kv_cache_dtype == "fp8":
         check_fp8_supported(device)
@@ -252,11 +237,30 @@ def load_engine(engine_path: Path, dtype: torch.dtype, device: torch.device | st
     int4 = Int4Recipe.from_dict(manifest["identity"]["recipe"])
     if int4 is not None:
         swap_in_empty_int4(model, int4, dtype, meta)
+    clock.lap("layout_s")
     assign_saved_tensors(model, engine_weight_files(engine_path), device)
     scales = manifest.get("kv_scales")
     if scales:
         set_kv_scales(model, scales["k"], scales["v"])
+    clock.lap("weights_s")
     return model.eval()
+
+
+class _Clock:
+    """Seconds between laps into ``timings`` (nothing when it is None); on CUDA each lap waits for the device."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings, self.device = timings, device
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = now - self.last
+        self.last = now
 
 
 def engine_weight_files(engine_path: Path) -> list[Path]:
@@ -280,11 +284,14 @@ def assign_saved_tensors(model: nn.Module, files: list[Path], device: torch.devi
     model's dtype for it. Every tensor of the model must be given exactly once (tied embeddings: either name)."""
     from safetensors.torch import load_file
 
+    from optimum_nvidia_core.build.safetensors_reader import load_to_device
+
     expected = model.state_dict()  # meta tensors: names, shapes and dtypes
     tied = getattr(model, "tie_word_embeddings", False)
     seen, unexpected = set(), []
     for file in files:
-        state = load_file(str(file), device=str(device))
+        # On the GPU: one read through pinned buffers. On the CPU, safetensors' memory map costs nothing until used.
+        state = load_to_device(file, device) if device.type == "cuda" else load_file(str(file), device=str(device))
         if tied and "lm_head.weight" in state:
             state.setdefault("model.embed_tokens.weight", state.pop("lm_head.weight"))
         for name, tensor in state.items():

@@ -8,6 +8,13 @@ since they do not change the weights: a new max_batch_size must not trigger a re
 Safety: a directory is written under a temporary name and renamed into place only after every file and the manifest
 (written last, with a sha256 per file and a checksum of itself) are on disk. Any entry that fails verification
 (missing manifest, edited manifest, missing, truncated or changed file) is rebuilt, never loaded.
+
+Verification hashes every file once (~9 GB for an 8B engine: seconds). After that, the stat stamp of every file
+(device, inode, size, mtime, ctime) is remembered, in this process and in ``.verified.json`` next to the manifest,
+and a later start hashes again only if a stamp changed. Any write to a file changes its ctime (which, unlike mtime,
+no user call can set back), and a replaced file has another inode, so an edited, truncated, replaced or copied file
+is hashed again. The trade: damage below the file system (a disk's bit rot) keeps the stamps and is caught only by
+a full check, ``verify_engine_dir(path, full=True)``. A read-only directory keeps no stamp and is hashed every time.
 """
 from __future__ import annotations
 
@@ -22,9 +29,11 @@ from optimum_nvidia_core import cache_dir
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+STAMP_NAME = ".verified.json"  # the stamps of the last full verification (never listed in the manifest)
 _HASH_CHUNK = 16 << 20
 # Engine dirs verified by this process: path -> the stat stamp of the manifest and of every file it lists, taken
-# before hashing. Loading again skips the hashing only while every stamp is unchanged (a rewrite changes ctime).
+# before hashing. Loading again skips the hashing only while every stamp is unchanged (a rewrite changes ctime);
+# STAMP_NAME keeps the same record for later processes.
 _verified: dict[str, tuple] = {}
 
 
@@ -57,7 +66,8 @@ def finalize_engine_dir(out_dir: Path, manifest: dict) -> dict:
     """Hash every file in ``out_dir``, then write manifest.json (last, fsynced). Returns the written manifest."""
     out_dir = Path(out_dir)
     files = {}
-    for path in sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+    for path in sorted(p for p in out_dir.rglob("*")
+                       if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(STAMP_NAME)):
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
         files[path.relative_to(out_dir).as_posix()] = {"sha256": file_sha256(path), "size": path.stat().st_size}
@@ -131,19 +141,41 @@ def _remember_verified(engine_dir: Path, stamp: tuple | None = None) -> None:
     now = _stamp(engine_dir, names)
     if now is not None and (stamp is None or now == stamp):
         _verified[str(engine_dir.resolve())] = now
+        _write_stamp_file(engine_dir, now)
 
 
-def verify_engine_dir(engine_dir: Path, expected_key: str | None = None) -> dict:
+def _write_stamp_file(engine_dir: Path, stamp: tuple) -> None:
+    """Best effort: a directory we cannot write to (read-only, shared) is simply hashed at every start."""
+    tmp = engine_dir / f"{STAMP_NAME}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps({"stamp": stamp}))
+        os.replace(tmp, engine_dir / STAMP_NAME)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _stamp_file_matches(engine_dir: Path, stamp: tuple) -> bool:
+    try:
+        recorded = json.loads((engine_dir / STAMP_NAME).read_text())["stamp"]
+        return tuple(tuple(entry) for entry in recorded) == stamp
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: hash
+        return False
+
+
+def verify_engine_dir(engine_dir: Path, expected_key: str | None = None, full: bool = False) -> dict:
     """Check the manifest and the sha256 of every file it lists; raise EngineDirError on any mismatch.
 
     ``expected_key``: also require the manifest's identity to hash to this cache key. A directory verified before
-    in this process is hashed again unless no file it lists (nor the manifest) has changed since (see _stamp)."""
+    (by this process, or by any process that could write its STAMP_NAME) is hashed again only if a file it lists,
+    or the manifest, has changed since (see _stamp and the module's docstring); ``full=True`` always hashes."""
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
     if expected_key is not None and cache_key(manifest["identity"]) != expected_key:
         raise EngineDirError(f"{engine_dir}: manifest identity does not match cache key {expected_key}")
     stamp = _stamp(engine_dir, manifest["files"])
-    if stamp is not None and _verified.get(str(engine_dir.resolve())) == stamp:
+    if stamp is not None and not full and (_verified.get(str(engine_dir.resolve())) == stamp
+                                           or _stamp_file_matches(engine_dir, stamp)):
+        _verified[str(engine_dir.resolve())] = stamp
         return manifest
     for name, entry in manifest["files"].items():
         path = engine_dir / name

@@ -11,8 +11,8 @@ ones reuse its blocks.
 
 Three families:
 - decode: one token per sequence, batch buckets up to max_batch_size (the split-K decode attention kernel);
-- prefill: one sequence's chunk, token buckets up to max_prefill_tokens (a first token pays for no padding
-  sequences);
+- prefill: one sequence's chunk, token buckets up to max_prefill_tokens, at most MIXED_GRAPH_TOKENS (a first
+  token pays for no padding sequences);
 - mixed: any batch of up to max_batch_size sequences (prefill chunks and decodes together) whose tokens fit a
   token bucket up to max_mixed_tokens. The prefill attention kernel runs with a grid for max_batch_size
   sequences and reads each one's real length on the device. Steps larger than that are compute-bound: they run
@@ -58,10 +58,14 @@ class CudaGraphRunner:
         self.model = model
         self.device = device
         self.buckets = batch_buckets(max_batch_size)
-        self.prefill_buckets = token_buckets(max_prefill_tokens) if max_prefill_tokens > 1 else []
+        # Longer chunks are compute-bound (an 8B model's 2,048 tokens: ~30 ms of GEMMs behind ~5 ms of launches), so
+        # they run eagerly: their graphs would be the slowest to warm up and capture, and the largest in the pool.
+        prefill_tokens = min(max_prefill_tokens, MIXED_GRAPH_TOKENS)
+        self.prefill_buckets = token_buckets(prefill_tokens) if prefill_tokens > 1 else []
         self.mixed_buckets = token_buckets(max_mixed_tokens) if max_mixed_tokens > 1 and max_batch_size > 1 else []
         self.max_blocks_per_seq = max_blocks_per_seq
         self.max_seqs = self.buckets[-1]
+        self.capture_seconds: dict[str, float] = {}  # family -> seconds its warm-ups and captures took
         # family -> bucket -> (graph, static hidden [bucket, H] the graph writes)
         self.families: dict[str, dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]]] = {
             "decode": {}, "prefill": {}, "mixed": {}}
@@ -117,8 +121,11 @@ class CudaGraphRunner:
         plan = [("prefill", self.prefill_buckets), ("mixed", self.mixed_buckets), ("decode", self.buckets)]
         try:  # largest first: the smaller graphs reuse the pool's blocks
             for family, buckets in sorted(plan, key=lambda item: -max(item[1], default=0)):
+                begin = time.perf_counter()
                 for bucket in reversed(buckets):
                     self.families[family][bucket] = self._capture_one(bucket, self._metadata(family, bucket), pool)
+                torch.cuda.synchronize(self.device)
+                self.capture_seconds[family] = time.perf_counter() - begin
         except Exception as error:  # noqa: BLE001 - any capture failure means: run eagerly
             logger.warning("CUDA graph capture failed (%s: %s); the model runs eagerly. Set enforce_eager=True "
                            "to skip the attempt.", type(error).__name__, error)
@@ -126,9 +133,10 @@ class CudaGraphRunner:
                 graphs.clear()
             return
         torch.cuda.synchronize(self.device)
-        logger.info("captured CUDA graphs in %.1f s: decode batch sizes %s; prefill tokens %s; mixed tokens %s "
-                    "(up to %d sequences)", time.perf_counter() - start, self.buckets, self.prefill_buckets,
-                    self.mixed_buckets, self.max_seqs)
+        logger.info("captured CUDA graphs in %.1f s (%s): decode batch sizes %s; prefill tokens %s; mixed tokens "
+                    "%s (up to %d sequences)", time.perf_counter() - start,
+                    ", ".join(f"{f} {s:.1f} s" for f, s in self.capture_seconds.items()), self.buckets,
+                    self.prefill_buckets, self.mixed_buckets, self.max_seqs)
 
     def _capture_one(self, rows: int, attn: AttentionMetadata, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         ids, positions = self.input_ids[:rows], self.positions[:rows]

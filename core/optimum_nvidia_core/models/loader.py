@@ -178,9 +178,11 @@ def _weight_files_in_order(model_dir: Path, allow_pickle: bool) -> list[Path]:
 
 
 def _file_inside(model_dir: Path, name: str, index: Path) -> Path:
-    """A weight file named by the index, refused unless it is a plain file name inside model_dir."""
-    path = (model_dir / name).resolve()
-    if Path(name).name != name or path.parent != model_dir.resolve():
+    """A weight file named by the index, refused unless it is a plain file name inside model_dir. The entry there
+    may be a link (the Hugging Face cache links each shard to its blob; a big checkpoint may link shards kept on
+    another disk): whoever owns the directory put it there, unlike a name in the index that climbs out of it."""
+    path = model_dir / name
+    if Path(name).name != name or name in (".", ".."):
         raise ModelResolutionError(
             f"{index} lists weight file {name!r}, which is outside the checkpoint directory. Weight files must be "
             "plain file names in the same directory: fix or regenerate the index."
