@@ -62,9 +62,9 @@ class EngineConfig(BaseModel):
     num_speculative_tokens: int = Field(8, ge=1, le=64, description="Most tokens proposed per sequence and step.")
     prompt_lookup_max: int = Field(3, ge=1, le=32, description="Longest suffix n-gram looked up for a proposal.")
     prompt_lookup_min: int = Field(1, ge=1, le=32, description="Shortest suffix n-gram that counts as a match.")
-    speculative_max_batch_size: int = Field(
-        8, ge=1, description="Steps of more sequences than this run plain decoding: in a big batch the step is "
-        "compute-bound and verifying proposals costs throughput.")
+    speculative_disable_by_batch_size: int = Field(
+        8, ge=1, description="Steps of more sequences than this run plain decoding (and keep asynchronous "
+        "scheduling): in a big batch the step is compute-bound and verifying proposals costs throughput.")
 
     @field_validator("device")
     @classmethod
@@ -92,6 +92,11 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_speculative(self) -> "EngineConfig":
+        options = sorted(self.model_fields_set & {"num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                                                  "speculative_disable_by_batch_size"})
+        if self.speculative is None and options:
+            raise ValueError(f"{', '.join(options)} only apply to speculative decoding; pass speculative='ngram' "
+                             "too, or leave them out")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
                              f"({self.prompt_lookup_max}); lower prompt_lookup_min or raise prompt_lookup_max")

@@ -100,7 +100,9 @@ def _assert_no_blocks_held(core: EngineCore):
     (dict(speculative="eagle"), "speculative"),
     (dict(speculative="ngram", num_speculative_tokens=0), "num_speculative_tokens"),
     (dict(speculative="ngram", prompt_lookup_min=4, prompt_lookup_max=2), "prompt_lookup_min"),
-    (dict(speculative="ngram", speculative_max_batch_size=0), "speculative_max_batch_size"),
+    (dict(speculative="ngram", speculative_disable_by_batch_size=0), "speculative_disable_by_batch_size"),
+    (dict(num_speculative_tokens=4), "num_speculative_tokens only apply to speculative decoding; pass "
+                                     "speculative='ngram'"),
 ])
 def test_bad_speculative_options_name_the_field(options, field):
     with pytest.raises(ValidationError, match=field):
@@ -198,7 +200,7 @@ def test_n2_and_seeded_sampling_reproduce_plain_decoding(context_dir):
 
 
 def test_steps_above_the_cutoff_run_plain_and_smaller_ones_speculate(context_dir):
-    plain, spec = _engines(context_dir, speculative_max_batch_size=2)
+    plain, spec = _engines(context_dir, speculative_disable_by_batch_size=2)
     verify_sizes, plain_sizes = [], []
     launch = spec.runner.launch
 

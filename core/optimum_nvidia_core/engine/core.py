@@ -7,7 +7,8 @@ device always has the next step queued while the host accounts the last one. Eac
 placeholder for its token in flight (the scheduler counts it; the model runner feeds it to step N+1 from the
 device), and a finish found when step N lands (end of sequence, stop token ids, a grammar) drops the token step
 N+1 sampled for it. Lengths (max_tokens, max_seq_len) are known ahead and cost no extra step. A step holding
-sequences whose next input needs their newest token on the host (penalties, grammars) is collected first.
+sequences whose next input needs their newest token on the host (penalties, grammars) is collected first; so is
+a step small enough to speculate in (``speculative="ngram"``: ``speculation`` plans and collects its runs).
 """
 from __future__ import annotations
 

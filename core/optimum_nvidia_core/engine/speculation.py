@@ -10,8 +10,8 @@ max_tokens and grammars end it at the right token), takes back the KV of the rej
 computed length advances by the accepted count only) and emits one output with several token ids.
 
 When it is off for a step, the step is plain decoding:
-- a step of more than ``speculative_max_batch_size`` sequences (big batches are compute-bound: verifying costs
-  throughput there), or one holding a request that asked for logprobs (one logprob per emitted token is not
+- a step of more than ``speculative_disable_by_batch_size`` sequences (big batches are compute-bound: verifying
+  costs throughput there), or one holding a request that asked for logprobs (one logprob per emitted token is not
   wired through the verify step);
 - per sequence: guided (grammar) requests, sequences below min_tokens (their end-of-sequence ban holds for one
   position only), prefill chunks, and a sequence whose newest token is still on the device.
@@ -36,7 +36,7 @@ class Speculator:
     def __init__(self, config: "EngineConfig", block_manager: "BlockManager"):
         self.proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_max,
                                       config.prompt_lookup_min)
-        self.max_batch_size = config.speculative_max_batch_size
+        self.disable_by_batch_size = config.speculative_disable_by_batch_size
         self.max_num_tokens = config.max_num_tokens
         self.block_manager = block_manager
         self.stats = {"spec_verify_steps": 0,  # steps that verified at least one proposal
@@ -47,7 +47,7 @@ class Speculator:
     def plan(self, batch: "ScheduledBatch") -> None:
         """Give the batch's eligible decoding sequences a proposal (see the module docstring)."""
         seqs = batch.seqs
-        if not seqs or len(seqs) > self.max_batch_size:
+        if not seqs or len(seqs) > self.disable_by_batch_size:
             return
         batch.needs_host_tokens = True  # the next schedule proposes from this step's tokens
         if any(seq.params.logprobs is not None for seq in seqs):
