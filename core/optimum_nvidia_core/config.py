@@ -95,8 +95,8 @@ class EngineConfig(BaseModel):
         options = sorted(self.model_fields_set & {"num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
                                                   "speculative_disable_by_batch_size"})
         if self.speculative is None and options:
-            raise ValueError(f"{', '.join(options)} only apply to speculative decoding; pass speculative='ngram' "
-                             "too, or leave them out")
+            raise ValueError(f"{', '.join(options)}: options of speculative decoding, which is off; pass "
+                             "speculative='ngram' too, or leave them out")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
                              f"({self.prompt_lookup_max}); lower prompt_lookup_min or raise prompt_lookup_max")

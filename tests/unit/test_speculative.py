@@ -75,11 +75,13 @@ def _tokens(out: dict) -> dict:
 _ENGINES: dict = {}  # (model dir, options) -> (plain, speculative) cores, reused across tests (loading is slow)
 
 
-def _engines(model_dir, **options):
-    key = (str(model_dir), tuple(sorted(options.items())))
+def _engines(model_dir, speculative_options: dict | None = None, **options):
+    """(plain, speculative) cores of the same engine options."""
+    speculative_options = {"speculative": "ngram", **(speculative_options or {})}
+    key = (str(model_dir), tuple(sorted(options.items())), tuple(sorted(speculative_options.items())))
     if key not in _ENGINES:
         _ENGINES[key] = tuple(EngineCore(EngineConfig(model=str(model_dir), **ENGINE, **options, **extra))
-                              for extra in ({}, {"speculative": "ngram"}))
+                              for extra in ({}, speculative_options))
     return _ENGINES[key]
 
 
@@ -101,8 +103,8 @@ def _assert_no_blocks_held(core: EngineCore):
     (dict(speculative="ngram", num_speculative_tokens=0), "num_speculative_tokens"),
     (dict(speculative="ngram", prompt_lookup_min=4, prompt_lookup_max=2), "prompt_lookup_min"),
     (dict(speculative="ngram", speculative_disable_by_batch_size=0), "speculative_disable_by_batch_size"),
-    (dict(num_speculative_tokens=4), "num_speculative_tokens only apply to speculative decoding; pass "
-                                     "speculative='ngram'"),
+    (dict(num_speculative_tokens=4), "num_speculative_tokens: options of speculative decoding, which is off; "
+                                     "pass speculative='ngram'"),
 ])
 def test_bad_speculative_options_name_the_field(options, field):
     with pytest.raises(ValidationError, match=field):
@@ -200,7 +202,7 @@ def test_n2_and_seeded_sampling_reproduce_plain_decoding(context_dir):
 
 
 def test_steps_above_the_cutoff_run_plain_and_smaller_ones_speculate(context_dir):
-    plain, spec = _engines(context_dir, speculative_disable_by_batch_size=2)
+    plain, spec = _engines(context_dir, {"speculative_disable_by_batch_size": 2})
     verify_sizes, plain_sizes = [], []
     launch = spec.runner.launch
 
@@ -249,7 +251,7 @@ def test_a_guided_request_does_not_speculate_and_others_still_do(context_dir):
 
 def test_blocks_of_rejected_tokens_are_given_back_under_a_small_cache(tiny_llama_dir):
     # 40 blocks of 4 tokens for 4 sequences of up to 50 tokens: speculation must not hold blocks it does not use.
-    plain, spec = _engines(tiny_llama_dir, num_kv_blocks=40, num_speculative_tokens=8)
+    plain, spec = _engines(tiny_llama_dir, {"num_speculative_tokens": 8}, num_kv_blocks=40)
     requests = [(f"r{i}", p[:10], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
                 for i, p in enumerate(_prompts(4, seed=5))]
     assert _tokens(_run(spec, requests)) == _tokens(_run(plain, requests))
