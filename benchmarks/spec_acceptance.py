@@ -83,6 +83,13 @@ def rag_messages(question: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM.format(context=context)}, {"role": "user", "content": question}]
 
 
+def rag_prompt_ids(tokenizer) -> list[list[int]]:
+    """The token ids of every question's RAG prompt, through the chat template."""
+    prompts = [tokenizer.apply_chat_template(rag_messages(q), add_generation_prompt=True, tokenize=True)
+               for q in QUESTIONS]
+    return [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
+
+
 def replay(prompt: list[int], output: list[int], proposer) -> dict:
     """Greedy speculative decoding of a known greedy answer: the first token comes from the prefill step; each
     later verify step emits the accepted prefix of its proposal plus one token."""
@@ -186,9 +193,7 @@ def main() -> None:
     from optimum_nvidia_core import LLM, SamplingParams
 
     llm = LLM(device="cpu")
-    prompts = [llm.tokenizer.apply_chat_template(rag_messages(q), add_generation_prompt=True, tokenize=True)
-               for q in QUESTIONS]
-    prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
+    prompts = rag_prompt_ids(llm.tokenizer)
     result = {"date": datetime.date.today().isoformat(), "device": "cpu", "model": llm.model_name,
               "max_tokens": args.max_tokens, "prompt_token_ids": prompts, "scenarios": {}}
     for penalty in args.frequency_penalties:

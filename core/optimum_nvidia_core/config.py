@@ -55,6 +55,16 @@ class EngineConfig(BaseModel):
     calibration_samples: int = Field(64, ge=1)
     calibration_max_length: int = Field(512, ge=8)
     allow_pickle_weights: bool = Field(False, description="Load .bin (pickle) weights; unsafe for untrusted files.")
+    # Speculative decoding (vLLM's names): see engine/speculation.py.
+    speculative: Literal["ngram"] | None = Field(
+        None, description="'ngram': prompt-lookup speculative decoding (proposals copied from the prompt and the "
+        "output so far, verified in one step; greedy output unchanged); None: plain decoding.")
+    num_speculative_tokens: int = Field(8, ge=1, le=64, description="Most tokens proposed per sequence and step.")
+    prompt_lookup_max: int = Field(3, ge=1, le=32, description="Longest suffix n-gram looked up for a proposal.")
+    prompt_lookup_min: int = Field(1, ge=1, le=32, description="Shortest suffix n-gram that counts as a match.")
+    speculative_disable_by_batch_size: int = Field(
+        8, ge=1, description="Steps of more sequences than this run plain decoding (and keep asynchronous "
+        "scheduling): in a big batch the step is compute-bound and verifying proposals costs throughput.")
 
     @field_validator("device")
     @classmethod
@@ -78,6 +88,22 @@ class EngineConfig(BaseModel):
         if "auto" not in (self.max_num_tokens, self.max_batch_size) and self.max_num_tokens < self.max_batch_size:
             raise ValueError(f"max_num_tokens ({self.max_num_tokens}) must be >= max_batch_size "
                              f"({self.max_batch_size}); raise max_num_tokens or lower max_batch_size")
+        return self
+
+    @model_validator(mode="after")
+    def _check_speculative(self) -> "EngineConfig":
+        options = sorted(self.model_fields_set & {"num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                                                  "speculative_disable_by_batch_size"})
+        if self.speculative is None and options:
+            raise ValueError(f"{', '.join(options)}: options of speculative decoding, which is off; pass "
+                             "speculative='ngram' too, or leave them out")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
+                             f"({self.prompt_lookup_max}); lower prompt_lookup_min or raise prompt_lookup_max")
+        if self.speculative is not None and self.max_num_tokens != "auto" and (
+                self.num_speculative_tokens >= self.max_num_tokens):
+            raise ValueError(f"num_speculative_tokens ({self.num_speculative_tokens}) must be < max_num_tokens "
+                             f"({self.max_num_tokens}); lower num_speculative_tokens")
         return self
 
     def with_limits(self, gpu_memory: int | None) -> "EngineConfig":

@@ -48,11 +48,13 @@ class RequestState:
             self.metrics.first_token_time = now
         if self.completion_tokens == 0 or not self.cached_tokens[i]:
             self.cached_tokens[i] = out.num_cached_tokens
-        self.completion_tokens += len(out.token_ids)
         finish, ids = out.finish_reason, out.token_ids
         shown = ids[:-1] if finish == "stop" and ids and ids[-1] in self.hidden_ids else ids
         detok = self.detokenizers[i]
-        text, stop_hit = detok.step(shown) if shown else ("", None)
+        text, stop_hit, num_used = _detokenize(detok, shown)
+        if stop_hit is not None and num_used < len(ids):  # a stop string inside a run: its later tokens never were
+            ids, finish = ids[:num_used], None
+        self.completion_tokens += len(ids)
         stopped_here = stop_hit is not None and finish is None
         if stop_hit is not None:
             finish = "stop"
@@ -69,6 +71,22 @@ class RequestState:
                                 cached_tokens=min(self.cached_tokens))
             delta.metrics = self.metrics
         return delta, stopped_here
+
+
+def _detokenize(detok: IncrementalDetokenizer, ids: list[int]) -> tuple[str, str | None, int]:
+    """(text, stop string hit or None, tokens used). Several ids at once (a speculative run) go one at a time
+    while stop strings are active, so a stop string ends the completion at the token plain decoding ends it."""
+    if not ids:
+        return "", None, 0
+    if len(ids) == 1 or not detok.stop:
+        return *detok.step(ids), len(ids)
+    text = ""
+    for used, token in enumerate(ids, 1):
+        piece, stop_hit = detok.step([token])
+        text += piece
+        if stop_hit is not None:
+            return text, stop_hit, used
+    return text, None, len(ids)
 
 
 class OutputProcessor:

@@ -148,6 +148,18 @@ class BlockManager:
         seq.block_table = []
         seq.num_registered_blocks = 0
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the tail blocks seq does not need for its first num_tokens tokens (speculative tokens that
+        were rejected). They were appended for tokens never known, so they are unshared and unregistered."""
+        keep = self.blocks_for(num_tokens)
+        table = seq.block_table
+        while len(table) > keep:
+            block_id = table.pop()
+            block = self.blocks[block_id]
+            assert block.ref_count == 1 and block.block_hash is None, f"block {block_id} is shared or cached"
+            block.ref_count = 0
+            self._free_uncached.append(block_id)
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (e.g. after a failed step left registered blocks unwritten)."""
         for block in self.blocks:

@@ -7,7 +7,8 @@ device always has the next step queued while the host accounts the last one. Eac
 placeholder for its token in flight (the scheduler counts it; the model runner feeds it to step N+1 from the
 device), and a finish found when step N lands (end of sequence, stop token ids, a grammar) drops the token step
 N+1 sampled for it. Lengths (max_tokens, max_seq_len) are known ahead and cost no extra step. A step holding
-sequences whose next input needs their newest token on the host (penalties, grammars) is collected first.
+sequences whose next input needs their newest token on the host (penalties, grammars) is collected first; so is
+a step small enough to speculate in (``speculative="ngram"``: ``speculation`` plans and collects its runs).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .model_runner import ModelRunner
 from .request import Request
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
+from .speculation import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class EngineCore:
         self.max_seq_len = min(self.max_seq_len, self.runner.num_blocks * config.block_size)
         self.scheduler = Scheduler(config.max_batch_size, config.max_num_tokens, self.block_manager,
                                    max_seq_len=self.max_seq_len)
+        self.speculator = Speculator(config, self.block_manager) if config.speculative else None
         self.requests: dict[str, Request] = {}
         self._in_flight = None  # (ScheduledBatch, LaunchedStep) queued on the device, collected by the next step()
         self._guided = self._start_guided()  # builds the grammar vocabulary in the background, now
@@ -173,6 +176,8 @@ class EngineCore:
             if self._awaiting_grammar and self._in_flight is None:  # only compiles to wait for: do not spin
                 wait(list(self._awaiting_grammar.values()), timeout=0.01, return_when=FIRST_COMPLETED)
             return outputs
+        if self.speculator is not None:
+            self.speculator.plan(batch)  # proposals for the decoding sequences that may speculate
         try:
             launched = self.runner.launch(batch, allowed)
         except Exception as exc:  # e.g. out of memory on a huge prefill: fail this batch, keep serving
@@ -188,6 +193,8 @@ class EngineCore:
             tokens, logprobs = self.runner.collect(launched)
         except Exception as exc:  # an error the device reports at the sync
             return self._fail_batch(batch, exc)
+        if batch.draft_token_ids is not None:  # several tokens per sequence
+            return self.speculator.collect(self, batch, tokens)
         self.scheduler.resolve(batch, tokens)
         outputs = []
         requests, finished = self.requests, SequenceStatus.FINISHED
@@ -282,6 +289,7 @@ class EngineCore:
     def stats(self) -> dict[str, int]:
         stats = dict(self.counters)
         stats.update(dataclasses.asdict(self.scheduler.stats))
+        stats.update(self.speculator.stats if self.speculator is not None else {})
         stats["free_blocks"] = self.block_manager.num_free_blocks
         stats["total_blocks"] = self.runner.num_blocks
         stats["running_requests"] = len(self.requests)

@@ -85,6 +85,12 @@ class InputBatch:
         self.seqs[row] = None
         self._free.append(row)
 
+    def truncated(self, seq: "Sequence") -> None:
+        """seq gave back tail blocks (rejected speculative tokens): its row's table ends where its list does now,
+        so blocks it gets later are copied in again."""
+        if seq.row is not None:
+            self.num_blocks[seq.row] = min(self.num_blocks[seq.row], len(seq.block_table))
+
     def _add(self, seq: "Sequence") -> int:
         if not self._free:
             self._collect_finished_rows()
@@ -136,8 +142,12 @@ class InputBatch:
         decoding = samples & (q == 1)  # the newest token: from the host row, or from the device
         token_ids = np.empty(num_tokens, dtype=np.int64)
         token_ids[query_start[:-1][decoding]] = self.last_token[rows[decoding]]
-        for k in np.flatnonzero(~decoding).tolist():  # prompt chunks: their ids are on the sequence
-            token_ids[query_start[k]: query_start[k + 1]] = seqs[k].token_ids[starts[k]: ends[k]]
+        drafts = batch.draft_token_ids
+        for k in np.flatnonzero(~decoding).tolist():  # prompt chunks (and verified proposals): on the sequence
+            ids = seqs[k].token_ids[starts[k]: ends[k]]
+            if drafts is not None and drafts[k]:  # a verify row: its last token, then its proposal
+                ids = ids + drafts[k]
+            token_ids[query_start[k]: query_start[k + 1]] = ids
         pending = np.flatnonzero(decoding & (self.pending[rows] >= 0))
         if pending.size and not (self.pending_step[rows[pending]] == self.device_step).all():
             raise RuntimeError("a placeholder token refers to a step older than the last launched one; collect "

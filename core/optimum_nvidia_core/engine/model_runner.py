@@ -20,6 +20,7 @@ from ..layers.sampler import Sampler, unpack_top_logprobs
 from ..layers.token_bitmask import TokenBitmask
 from .input_batch import InputBatch, StepInputs
 from .scheduler import ScheduledBatch
+from .verify_step import unpack_runs, verify
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class LaunchedStep:
     step_id: int = -1
     batch_rows: np.ndarray | None = None  # [R] persistent-batch rows of the sampling sequences
     seq_ids: np.ndarray | None = None  # [R] their seq_ids (a row may change hands before the tokens land)
+    verify: bool = False  # a speculative verify step: `tokens` is int64 [R, W + 1] (verify_step.verify)
 
 
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on the CPU
@@ -127,18 +129,24 @@ class ModelRunner:
         if not rows:
             return LaunchedStep(len(batch.seqs), rows)
         sample_seqs = batch.seqs if len(rows) == len(batch.seqs) else [batch.seqs[i] for i in rows]
-        logits = self.compute_logits(hidden, inputs, rows, sample_seqs)
-        sampling = self.input_batch.sampling.batch(inputs.sample_rows, inputs.sample_positions, sample_seqs,
-                                                   logits.device, token_bitmask=allowed)
-        out = self.sampler(logits, sampling)
-        # [R], -1 where a row's logits are not all finite (a row sum is NaN or inf then; one reduction, no [R, V] mask)
-        tokens = torch.where(logits.sum(dim=-1).isfinite(), out.token_ids, -1)
+        if batch.draft_token_ids is not None:  # speculative: [R, W + 1] runs and their lengths (verify_step)
+            tokens, sampled = verify(self, hidden, inputs, batch, rows, sample_seqs, allowed)
+            top_logprobs, num_logprobs = None, ()
+        else:
+            logits = self.compute_logits(hidden, inputs, rows, sample_seqs)
+            sampling = self.input_batch.sampling.batch(inputs.sample_rows, inputs.sample_positions, sample_seqs,
+                                                       logits.device, token_bitmask=allowed)
+            out = self.sampler(logits, sampling)
+            # [R], -1 where a row's logits are not all finite (a row sum is NaN or inf then; one reduction)
+            tokens = torch.where(logits.sum(dim=-1).isfinite(), out.token_ids, -1)
+            sampled, top_logprobs, num_logprobs = out.token_ids, out.top_logprobs, sampling.num_logprobs
         self._steps += 1
-        self.input_batch.launched(self._steps, inputs.sample_rows, out.token_ids)
-        if out.top_logprobs is not None:  # one copy for both: the tokens ride in column 0 (exact in float64)
-            tokens = torch.cat([tokens[:, None].double(), out.top_logprobs], dim=1)
-        step = LaunchedStep(len(batch.seqs), rows, tokens, sampling.num_logprobs, step_id=self._steps,
-                            batch_rows=inputs.sample_rows, seq_ids=self.input_batch.row_seq[inputs.sample_rows])
+        self.input_batch.launched(self._steps, inputs.sample_rows, sampled)
+        if top_logprobs is not None:  # one copy for both: the tokens ride in column 0 (exact in float64)
+            tokens = torch.cat([tokens[:, None].double(), top_logprobs], dim=1)
+        step = LaunchedStep(len(batch.seqs), rows, tokens, num_logprobs, step_id=self._steps,
+                            batch_rows=inputs.sample_rows, seq_ids=self.input_batch.row_seq[inputs.sample_rows],
+                            verify=batch.draft_token_ids is not None)
         if tokens.is_cuda:  # copy into pinned memory behind the step; collect() waits on the event
             step.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             step.tokens.copy_(tokens, non_blocking=True)
@@ -156,14 +164,22 @@ class ModelRunner:
             step.done.synchronize()
         values = step.tokens.numpy()
         top: list = [None] * len(step.rows)
+        if step.verify:  # each row's run of tokens (verify_step), its last token the row's newest
+            token_list, last = unpack_runs(values)
+            self.input_batch.landed(step.step_id, step.batch_rows, step.seq_ids, last)
+            return self._per_seq(step, token_list, top)
         if values.ndim == 2:  # logprobs asked for: the token in column 0, the packed top-k after it
             top = unpack_top_logprobs(values.tolist(), step.num_logprobs, first=1)
             values = values[:, 0].astype(np.int64)
         self.input_batch.landed(step.step_id, step.batch_rows, step.seq_ids, values)
-        token_list = values.tolist()
+        return self._per_seq(step, values.tolist(), top)
+
+    @staticmethod
+    def _per_seq(step: "LaunchedStep", token_list: list, top: list) -> tuple[list, list]:
+        """Per sampling row -> per scheduled sequence (None where it did not sample)."""
         if len(step.rows) == step.num_seqs:  # every scheduled sequence sampled (decode steps)
             return token_list, list(top)
-        sampled: list[int | None] = [None] * step.num_seqs
+        sampled: list = [None] * step.num_seqs
         top_all: list[dict[int, float] | None] = [None] * step.num_seqs
         for k, i in enumerate(step.rows):
             sampled[i], top_all[i] = token_list[k], top[k]

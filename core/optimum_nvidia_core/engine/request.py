@@ -28,5 +28,11 @@ class Request:
         return EngineCoreOutput(self.request_id, seq.index, [token], finish_reason,
                                 None if logprobs is None else [logprobs], seq.num_cached_tokens)
 
+    def output_run(self, seq: Sequence, token_ids: list[int], finish_reason: str | None) -> EngineCoreOutput:
+        """Several new tokens of one step (a verified speculative run)."""
+        if finish_reason is not None:
+            self.num_finished += 1
+        return EngineCoreOutput(self.request_id, seq.index, token_ids, finish_reason, None, seq.num_cached_tokens)
+
     def error(self, message: str) -> EngineCoreOutput:
         return EngineCoreOutput(self.request_id, finish_reason="error", error=message)

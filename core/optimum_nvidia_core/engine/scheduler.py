@@ -30,6 +30,9 @@ class ScheduledBatch:
     # model runner frees their persistent-batch rows.
     released: list[Sequence] = field(default_factory=list)
     needs_host_tokens: bool = False  # some sequence's next input needs this step's token on the host
+    # Speculative decoding (engine/speculation.py): per sequence, the proposed tokens it verifies this step (its
+    # query is its last token plus these); None in a plain step.
+    draft_token_ids: list[list[int]] | None = None
 
     @property
     def num_tokens(self) -> int:
