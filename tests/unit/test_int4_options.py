@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from pydantic import ValidationError
@@ -67,6 +68,8 @@ def test_cli_flags_map_to_engine_options(command):
     assert "quantization" not in _engine_options(build_parser().parse_args([command, "m"]))
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "m", "--quantization", "int8"])
+    for method in get_args(EngineConfig.model_fields["int4_method"].annotation):  # every method has its flag
+        assert build_parser().parse_args([command, "m", "--int4-method", method]).int4_method == method
 
 
 def test_cli_build_writes_an_int4_engine(tiny_llama_dir, tmp_path):
