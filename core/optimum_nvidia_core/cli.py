@@ -255,8 +255,8 @@ def read_calibration_file(path: Path) -> list[str]:
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"use_fp8": args.fp8, "device": args.device}
-    for name in ("dtype", "quantization", "int4_method"):  # unset: the engine's default
-        if getattr(args, name):
+    for name in ("dtype", "quantization", "int4_method"):  # unset (or no such flag, as in bench): the default
+        if getattr(args, name, None):
             options[name] = getattr(args, name)
     return options
 
