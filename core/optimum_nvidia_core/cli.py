@@ -1,6 +1,7 @@
 """``optimum-nvidia``: build an engine, chat with a model, benchmark it, inspect the machine and the cache.
 
-    optimum-nvidia build MODEL [--fp8] [--kv-cache-dtype fp8] [--calibration FILE] [--output DIR]
+    optimum-nvidia build MODEL [--fp8 | --quantization int4 [--int4-method awq]] [--kv-cache-dtype fp8]
+                         [--calibration FILE] [--output DIR]
     optimum-nvidia chat MODEL            # one user turn per input line; /reset clears the history, /exit quits
     optimum-nvidia serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY]   # OpenAI-compatible HTTP
     optimum-nvidia bench [--model MODEL] # benchmarks/bench.py when present, else a built-in throughput run
@@ -44,7 +45,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         options["calibration_dataset"] = read_calibration_file(Path(args.calibration))
     started = time.perf_counter()
     llm = LLM(args.model, **options)
-    print(f"Engine ready for {llm.model_name} (fp8={args.fp8}, kv_cache_dtype={args.kv_cache_dtype}) "
+    print(f"Engine ready for {llm.model_name} (quantization={llm.config.quantization}, "
+          f"kv_cache_dtype={args.kv_cache_dtype}) "
           f"in {time.perf_counter() - started:.1f} s")
     if args.output:
         print(f"Engine written to {llm.save(args.output)}")
@@ -253,8 +255,9 @@ def read_calibration_file(path: Path) -> list[str]:
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"use_fp8": args.fp8, "device": args.device}
-    if args.dtype:
-        options["dtype"] = args.dtype
+    for name in ("dtype", "quantization", "int4_method"):  # unset (or no such flag, as in bench): the default
+        if getattr(args, name, None):
+            options[name] = getattr(args, name)
     return options
 
 
@@ -275,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--fp8", action="store_true", help="FP8 (e4m3) weights and activations")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
         p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="compute dtype")
+        p.add_argument("--quantization", choices=["fp8", "int4"],
+                       help="weight quantization: fp8 (the same as --fp8) or int4 (W4A16, group-wise 128, built once "
+                            "and cached); AWQ / GPTQ checkpoints load as INT4 without it")
+        p.add_argument("--int4-method", choices=["awq", "awq_gptq", "gptq", "rtn"],
+                       help="INT4 rounding with --quantization int4 (default: the engine's, see EngineConfig)")
 
     build = commands.add_parser("build", help="build (and cache) an engine, optionally writing it to a directory",
                                 description=cmd_build.__doc__)

@@ -22,7 +22,8 @@ from .hub import DEFAULT_MODEL
 from .sampling_params import SamplingParams
 
 # Engine options exposed as fields: EngineConfig's own declarations (type, default, bounds, docs).
-ENGINE_FIELDS = ("use_fp8", "kv_cache_dtype", "max_batch_size", "max_seq_len", "calibration_dataset", "device")
+ENGINE_FIELDS = ("use_fp8", "quantization", "int4_method", "kv_cache_dtype", "max_batch_size", "max_seq_len",
+                 "calibration_dataset", "device")
 # Sampling options exposed as fields: SamplingParams' declarations, defaulting to None ("the request's default").
 SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty", "max_tokens",

@@ -64,6 +64,30 @@ def test_every_candidate_is_correct(device, m):
     assert ran, "no candidate launches on this card"
 
 
+def test_the_tuner_picks_a_candidate_that_runs_and_remembers_those_that_do_not():
+    """On the card: every candidate that fails to launch (e.g. over the shared memory: 256 KiB asked, 227 KiB on
+    the H200 for one M=300 tile) is one the tuner recorded and did not pick; the pick is right."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import importlib
+
+    tuner = importlib.import_module("optimum_nvidia_core.kernels.int4_gemm")
+    n, k, group = 1000, 1024, 128
+    qweight, scales, zeros, bias = int4_case("cuda", n, k, group, bias=True)
+    for m in (1, 16, 300):
+        x = torch.randn(m, k, device="cuda", dtype=DTYPE)
+        chosen = tuner.choose(x, qweight, scales, zeros, bias)
+        failed = {c for c, *_ in tuner._FAILED}
+        assert chosen not in failed
+        assert rel_err(tuner.int4_gemm(x, qweight, scales, zeros, bias, config=chosen),
+                       reference(x, qweight, scales, zeros, bias)) < 8e-3
+        for config in tuner.candidates(m, group):
+            try:
+                tuner.int4_gemm(x, qweight, scales, zeros, bias, config=config)
+            except Exception:  # noqa: BLE001 - whatever the failure, the tuner must have seen it
+                assert config in failed, config
+
+
 def test_dequantize_kernel_is_exact(device):
     from optimum_nvidia_core.kernels.int4_gemm import dequantize_int4
 

@@ -1,12 +1,15 @@
 """INT4 quality gate on the real SmolLM2-135M-Instruct (CPU): perplexity on the FP8 gate's held-out text.
 
 Reported: INT4 round-to-nearest, AWQ and GPTQ (group 128, asymmetric; SmolLM2's 576-wide inputs, not a multiple
-of 128, get groups of 64), as ratios to the fp32 model; the printed table is what the README quotes.
+of 128, get groups of 64), as ratios to the fp32 model, calibrated as ``LLM(model, quantization="int4")`` calibrates
+by default (EngineConfig's calibration_samples and calibration_max_length: the 34 built-in samples, 4,255 tokens).
 
-Measured (2026-12-01): rtn 1.397x, awq 1.170x, gptq 1.190x. The issue's target for the calibrated method, 1.06x,
-is NOT met: a 135M model loses far more per bit than 7B+ models do (its round-to-nearest INT4 costs 40%). The gate
-is therefore what this code achieves, with a little margin (MAX_RATIO), plus: the default method is the best of the
-three, and calibration must recover most of round-to-nearest's loss.
+Measured (2026-12-01, benchmarks/results/2026-12-01-cpu-int4-quality.json, which also has AWQ + GPTQ, true-
+sequential, a deeper clip grid, the FP8 gate's smaller calibration and each layer type alone): rtn 1.397x, awq
+1.149x, gptq 1.157x. The issue's target for the calibrated method, 1.06x, is NOT met: on this 135M model
+round-to-nearest INT4 costs 40% and the best calibrated recipe measured still 15% (benchmarks/NOTES.md, "INT4
+quality"). The gate is therefore what this code achieves, with margin (MAX_RATIO), plus: the default method is the
+best of the three, and calibration must recover most of round-to-nearest's loss.
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ from optimum_nvidia_core.build.int4 import Int4Recipe, quantize_model_int4
 from optimum_nvidia_core.build.quantize import quantizable_linear_names
 from optimum_nvidia_core.config import EngineConfig
 from optimum_nvidia_core.models.loader import load_model
-from test_fp8_quality import CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES, HELD_OUT_TEXT, smollm2  # noqa: F401
+from test_fp8_quality import HELD_OUT_TEXT, smollm2  # noqa: F401
 
-MAX_RATIO = 1.20  # measured 1.170x for AWQ; the issue asked for 1.06x (not met, see above)
+MAX_RATIO = 1.17  # measured 1.149x for AWQ (deterministic on one machine); the issue asked for 1.06x
 DEFAULT_METHOD = EngineConfig.model_fields["int4_method"].default
+CALIBRATION_SAMPLES = EngineConfig.model_fields["calibration_samples"].default
+CALIBRATION_MAX_LENGTH = EngineConfig.model_fields["calibration_max_length"].default
 
 
 @pytest.mark.timeout(5400)  # one fp32 and three INT4 perplexities of 2,372 tokens, three builds, on the CPU

@@ -55,7 +55,7 @@ def test_rtn_round_trip_error_is_bounded():
     assert bool((error <= scales.repeat_interleave(128, dim=1) / 2 + 1e-6).all())  # half a step, at most
 
 
-@pytest.mark.parametrize("method", ["awq", "clip", "gptq"])
+@pytest.mark.parametrize("method", ["awq", "clip", "gptq", "awq_gptq"])
 def test_calibrated_rounding_beats_rtn_on_held_out_inputs(method):
     torch.manual_seed(0)
     weight = 0.05 * torch.randn(96, 256)
@@ -73,9 +73,15 @@ def test_calibrated_rounding_beats_rtn_on_held_out_inputs(method):
     elif method == "clip":
         ratios = rounding.clip_ratios(weight, hessian, 128, torch.float32)
         ours = error(rounding.fake_quantize(weight, 128, torch.float32, ratios))
-    else:
+    elif method == "gptq":
         params = rounding.group_params(weight, 128, torch.float32)
         ours = error(rounding.dequantize_codes(rounding.gptq_codes(weight, hessian, *params), *params))
+    else:  # GPTQ on W diag(s), with the Hessian of the inputs divided by s
+        scales = rounding.awq_input_scales(weight, hessian, 128, torch.float32)
+        scaled, scaled_hessian = weight * scales, hessian / scales[:, None] / scales[None, :]
+        params = rounding.group_params(scaled, 128, torch.float32)
+        codes = rounding.gptq_codes(scaled, scaled_hessian, *params)
+        ours = error(rounding.dequantize_codes(codes, *params) / scales)
     assert ours < 0.9 * rtn, (method, ours, rtn)
 
 
@@ -99,7 +105,7 @@ def test_quantized_models_are_int4_and_sane(tiny_dir):
     rules out broken formats (~100%+). Which method is best is measured on SmolLM2 (test_int4_quality.py)."""
     reference = logits(load_model(tiny_dir, torch.float32, "cpu"))
     errors = {}
-    for method in ("rtn", "awq", "gptq"):
+    for method in ("rtn", "awq", "gptq", "awq_gptq"):
         model = quantize_model_int4(load_model(tiny_dir, torch.float32, "cpu"), Int4Recipe(method),
                                     calibration(tiny_dir), progress=False)
         linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
@@ -129,7 +135,7 @@ def test_int4_engine_saves_loads_and_is_cached(tiny_dir, tmp_path):
     assert len({first, other, fp8}) == 3 and len(calls) == 2  # each recipe is its own engine
     loaded = load_engine(first, torch.float32, "cpu")
     assert isinstance(loaded.model.layers[0].mlp.down_proj, Int4Linear)
-    built = quantize_model_int4(load_model(tiny_dir, torch.float32, "cpu"), Int4Recipe("awq"),
+    built = quantize_model_int4(load_model(tiny_dir, torch.float32, "cpu"), Int4Recipe(config.int4_method),
                                 calibration(tiny_dir, 4, 32), progress=False)
     torch.testing.assert_close(logits(loaded), logits(built), rtol=0, atol=0)  # the saved engine is the build
 

@@ -4,8 +4,11 @@ engines: the recipe below is part of the engine's identity (build/engine_dir.py)
 
 Methods (``int4_method``; build/int4_rounding.py has the math):
   * "awq" (default): activation-aware input scales folded into the previous norm / projection, range clipping,
-    round-to-nearest. Measured best on SmolLM2 (tests/integration/test_int4_quality.py prints all three).
-  * "gptq": range clipping, then GPTQ error-compensated rounding.
+    round-to-nearest. Measured best on SmolLM2 (benchmarks/NOTES.md, "INT4 quality").
+  * "awq_gptq": the same scales and clipping, then GPTQ error-compensated rounding of the scaled weights (the
+    Hessians follow the scales). Worse than "awq" on SmolLM2 with the built-in calibration set (4k tokens):
+    1.169x against 1.149x fp32 perplexity; may pay with more calibration data (not measured).
+  * "gptq": range clipping, then GPTQ rounding, no scales.
   * "rtn": plain round-to-nearest, no calibration.
 Calibration collects one input Hessian per linear (build/calibration.py, as FP8's GPTQ does); the scale and clip
 searches score candidates by exact output error on it.
@@ -29,7 +32,7 @@ GROUP_SIZE = 128
 
 @dataclass(frozen=True)
 class Int4Recipe:
-    method: Literal["awq", "gptq", "rtn", "loaded"] = "awq"  # "loaded": an AWQ / GPTQ checkpoint, saved
+    method: Literal["awq", "awq_gptq", "gptq", "rtn", "loaded"] = "awq"  # "loaded": an AWQ / GPTQ checkpoint
     group_size: int = GROUP_SIZE
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
 
@@ -48,6 +51,14 @@ class Int4Recipe:
         # use_fp8 / kv_cache_dtype as Fp8Recipe names them: load_engine reads the KV part through Fp8Recipe.
         return {"quantization": "int4", "int4_method": self.method, "group_size": self.group_size,
                 "use_fp8": False, "kv_cache_dtype": self.kv_cache_dtype}
+
+    @property
+    def uses_awq_scales(self) -> bool:
+        return self.method in ("awq", "awq_gptq")
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self.method in ("gptq", "awq_gptq")
 
     @property
     def needs_calibration(self) -> bool:
@@ -89,7 +100,7 @@ def quantize_model_int4(model: nn.Module, recipe: Int4Recipe, calib_token_lists:
                               hessian_names=names if recipe.method != "rtn" else [])
         hessians = stats.hessians
     hessians = hessians if recipe.method != "rtn" else {}
-    if recipe.method == "awq":
+    if recipe.uses_awq_scales:
         apply_awq_scales(model, hessians, recipe.group_size)
     for name in tqdm(names, desc="INT4 weights", unit="linear", disable=not progress):
         linear = model.get_submodule(name)
@@ -108,7 +119,7 @@ def quantize_linear(linear: nn.Module, hessian: torch.Tensor | None, recipe: Int
         hessian = hessian.to(weight.device)
         ratios = int4_rounding.clip_ratios(weight, hessian, group, linear.weight.dtype)
     scales, zeros = int4_rounding.group_params(weight, group, linear.weight.dtype, ratios)
-    if recipe.method == "gptq":
+    if recipe.uses_gptq:
         codes = int4_rounding.gptq_codes(weight, hessian, scales, zeros)
     else:
         codes = int4_rounding.round_to_codes(weight, scales, zeros)

@@ -135,26 +135,34 @@ def candidates(m: int, group_size: int) -> list[Int4Config]:
 
 
 _CHOSEN: dict[tuple, Int4Config] = {}
+_FAILED: set[tuple] = set()  # (config, device, dtype, group) that failed to compile or launch: never tried again
 
 
 def choose(x, qweight, scales, zeros, bias) -> Int4Config:
-    """The fastest candidate for this (shape, M bucket), timed once. Inside a CUDA graph capture nothing can be
-    timed: an untimed shape then takes the first candidate."""
+    """The fastest candidate for this (shape, M bucket), timed once. A candidate that fails to compile or launch
+    (e.g. a tile whose shared memory exceeds this card's: the tile lists are shared by every card) is skipped and
+    remembered. Inside a CUDA graph capture nothing can be timed: an untimed shape then takes the first candidate
+    not known to fail (the engine runs each shape eagerly before capturing it, so this is a fallback)."""
     m, k = x.shape
     group = k // scales.shape[1]
     key = (1 if m == 1 else m_bucket(m), *qweight.shape, group, bias is not None, x.dtype, x.device)
     if key in _CHOSEN:
         return _CHOSEN[key]
-    options = candidates(m, group)
+    where = (x.device, x.dtype, group)
+    options = [c for c in candidates(m, group) if (c, *where) not in _FAILED]
     if torch.cuda.is_current_stream_capturing():
         return options[0]
-    timings = []
+    timings, errors = [], []
     for config in options:
         try:
             timings.append((_graph_time(lambda c=config: _launch(x, qweight, scales, zeros, bias, c)), config))
-        except Exception:  # noqa: BLE001 - e.g. a tile whose shared memory does not fit this card
-            continue
-    _CHOSEN[key] = min(timings)[1]
+        except Exception as error:  # noqa: BLE001 - any failure of one candidate: the others may run
+            _FAILED.add((config, *where))
+            errors.append(f"{config}: {type(error).__name__}: {str(error)[:200]}")
+    if not timings:
+        raise RuntimeError(f"no INT4 GEMM candidate runs for x {tuple(x.shape)} {x.dtype}, qweight "
+                           f"{tuple(qweight.shape)}, group {group} on {x.device}: " + "; ".join(errors))
+    _CHOSEN[key] = min(timings, key=lambda timing: timing[0])[1]
     return _CHOSEN[key]
 
 

@@ -1,0 +1,96 @@
+"""INT4 quality on the real SmolLM2-135M-Instruct (CPU): where the perplexity goes, method by method and layer type
+by layer type. The quality gate (tests/integration/test_int4_quality.py) checks a subset of these figures.
+
+    PYTHONPATH=core:. python benchmarks/int4_quality.py --out /tmp/int4_quality.json [--tokens 1024]
+        [--methods rtn,awq,gptq,awq_gptq] [--only-types rtn] [--calibration-samples 24 --calibration-max-length 256]
+
+Scored on the FP8 gate's held-out text (all 2,372 tokens, or its first ``--tokens`` for quicker runs) against the
+fp32 model. One calibration pass (input Hessians of every linear) serves every calibrated method, as in the gate.
+``--only-types METHOD`` also quantizes one layer type at a time (qkv, o, gate_up, down) with METHOD: the cost of
+each type alone.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "core"), str(ROOT), str(ROOT / "tests" / "integration")]
+LAYER_TYPES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def quantized(model_dir: Path, method: str, hessians: dict | None, layer_type: str | None = None):
+    """The fp32 model with ``method``'s INT4 weights (every linear, or only those of ``layer_type``)."""
+    from optimum_nvidia_core.build.int4 import Int4Recipe, apply_awq_scales, quantize_linear
+    from optimum_nvidia_core.build.quantize import quantizable_linear_names
+    from optimum_nvidia_core.models.loader import load_model
+
+    model = load_model(model_dir, torch.float32, "cpu")
+    recipe = Int4Recipe(method)
+    hessians = {k: v.clone() for k, v in hessians.items()} if hessians and method != "rtn" else {}
+    if recipe.uses_awq_scales:
+        apply_awq_scales(model, hessians, recipe.group_size)  # exact: the fp32 function is unchanged
+    for name in quantizable_linear_names(model):
+        if layer_type is None or name.endswith(layer_type):
+            model.set_submodule(name, quantize_linear(model.get_submodule(name), hessians.get(name), recipe))
+    return model
+
+
+def main() -> None:
+    from transformers import AutoTokenizer
+
+    from optimum_nvidia_core.build import perplexity
+    from optimum_nvidia_core.build.calibration import collect_stats, default_calibration_samples, tokenize_samples
+    from optimum_nvidia_core.build.quantize import quantizable_linear_names
+    from optimum_nvidia_core.hub import DEFAULT_MODEL, resolve_model
+    from optimum_nvidia_core.models.loader import load_model
+    from test_fp8_quality import HELD_OUT_TEXT
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tokens", type=int, default=0, help="score only the first N held-out tokens (0: all)")
+    parser.add_argument("--methods", default="rtn,awq,gptq,awq_gptq")
+    parser.add_argument("--only-types", metavar="METHOD", help="also quantize one layer type at a time")
+    parser.add_argument("--calibration-samples", type=int, default=24)
+    parser.add_argument("--calibration-max-length", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model(DEFAULT_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    token_ids = tokenizer(HELD_OUT_TEXT)["input_ids"]
+    token_ids = token_ids[:args.tokens] if args.tokens else token_ids
+    calibration = tokenize_samples(tokenizer, default_calibration_samples()[:args.calibration_samples],
+                                   args.calibration_max_length)
+    result = {"date": datetime.date.today().isoformat(), "model": DEFAULT_MODEL, "held_out_tokens": len(token_ids),
+              "calibration": {"samples": len(calibration), "tokens": sum(map(len, calibration))},
+              "group_size": "128 where it divides in_features, else 64 (SmolLM2's 576-wide inputs)", "figures": {}}
+
+    def record(name: str, model) -> None:
+        start = time.perf_counter()
+        value = perplexity(model, token_ids)
+        baseline = result["figures"].get("fp32", {}).get("perplexity", value)
+        result["figures"][name] = {"perplexity": value, "ratio": value / baseline}
+        print(f"{name:28s} {value:8.3f}  {value / baseline:.4f}x  ({time.perf_counter() - start:.0f} s)", flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+    reference = load_model(model_dir, torch.float32, "cpu")
+    record("fp32", reference)
+    hessians = collect_stats(reference, [], calibration, progress=False,
+                             hessian_names=quantizable_linear_names(reference)).hessians
+    del reference
+    for method in args.methods.split(","):
+        record(method, quantized(model_dir, method, hessians))
+    if args.only_types:
+        for layer_type in LAYER_TYPES:
+            record(f"{args.only_types} {layer_type} only", quantized(model_dir, args.only_types, hessians, layer_type))
+
+
+if __name__ == "__main__":
+    main()
