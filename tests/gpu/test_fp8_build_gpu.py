@@ -76,6 +76,11 @@ def test_fp8_checkpoint_on_gpu_matches_cpu(cuda, tmp_path, producer, weight_scal
     out = write_fp8_checkpoint(tiny_config("llama3"), tmp_path / "fp8", producer, weight_scale, static, True,
                                std=0.15)
     fmt = checkpoint_format(out)
-    on_gpu = load_fp8_checkpoint(out, fmt, torch.bfloat16, cuda)
-    on_cpu = load_fp8_checkpoint(out, fmt, torch.bfloat16, "cpu")  # same dtype: fp32 vs bf16 alone differ by 0.12
-    assert rel_err(_logits(on_gpu, torch.float8_e4m3fn).cpu(), _logits(on_cpu, torch.float8_e4m3fn)) < 0.05
+    on_gpu = _logits(load_fp8_checkpoint(out, fmt, torch.bfloat16, cuda), torch.float8_e4m3fn).cpu()
+    on_cpu = _logits(load_fp8_checkpoint(out, fmt, torch.bfloat16, "cpu"), torch.float8_e4m3fn)
+    exact = _logits(load_fp8_checkpoint(out, fmt, torch.float32, "cpu"), torch.float8_e4m3fn)
+    # Activations are re-quantized to e4m3 (3 mantissa bits) at every linear, so any rounding difference flips
+    # codes: the CPU in bf16 is already 0.12 away from the CPU in fp32 on this model. The GPU kernels must be as
+    # close to the fp32 reference as the CPU's bf16 emulation is (a wrong scale or layout is off by ~1).
+    assert rel_err(on_gpu, exact) < 1.5 * rel_err(on_cpu, exact) + 0.01, (rel_err(on_gpu, exact),
+                                                                          rel_err(on_cpu, exact))
