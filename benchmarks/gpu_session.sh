@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_session.sh check    # tests/gpu, host work per step, an engine smoke run
 #   bash benchmarks/gpu_session.sh serve    # bench.py (8B shape, FP8 + FP8 KV), serving under load
 #   bash benchmarks/gpu_session.sh extra    # guided host cost, INT4, FP8 build, HTTP server
-#   bash benchmarks/gpu_session.sh tests    # tests/gpu only, 4 workers (pytest-xdist is on the image): ~4x faster
+#   bash benchmarks/gpu_session.sh tests    # tests/gpu only, 4 workers (pytest-xdist is on the image); -v, so a
+#                                           # time-out still leaves the name of every test that ran
 # Needs `carry: [".whl", ".tok"]` (benchmarks/gpu_wheels.sh; .tok = SmolLM2's tokenizer files, for JSON tokens).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -22,7 +23,7 @@ check)
   timeout 90 python benchmarks/host_overhead.py --device cuda --seqs 1,256,1024 --steps 30 --out "$OUT/host-overhead.json" 2>&1 | tail -15
   ;;
 tests)
-  timeout ${TESTS_TIMEOUT:-170} python -m pytest tests/gpu -q -p no:cacheprovider -n 4 -rfE --durations=15 \
+  timeout ${TESTS_TIMEOUT:-170} python -m pytest tests/gpu -v -p no:cacheprovider -n 4 -rfE --durations=15 \
     --junitxml="$OUT/tests-gpu.xml" 2>&1 | tee "$OUT/tests-gpu.log" | tail -40
   ;;
 serve)
