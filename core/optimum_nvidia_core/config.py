@@ -93,8 +93,11 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_speculative(self) -> "EngineConfig":
-        options = sorted(self.model_fields_set & {"num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
-                                                  "speculative_disable_by_batch_size"})
+        # Only values other than the defaults: a dumped config (all fields given) must load again as it was.
+        fields = type(self).model_fields
+        options = sorted(name for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                                           "speculative_disable_by_batch_size")
+                         if getattr(self, name) != fields[name].default)
         if self.speculative is None and options:
             raise ValueError(f"{', '.join(options)}: options of speculative decoding, which is off; pass "
                              "speculative='ngram' too, or leave them out")

@@ -111,6 +111,12 @@ def test_bad_speculative_options_name_the_field(options, field):
         EngineConfig(model="m", **options)
 
 
+def test_a_dumped_config_loads_again():
+    # model_dump() gives every field, speculative ones at their defaults: not "options given with speculation off".
+    for config in (EngineConfig(model="m"), EngineConfig(model="m", speculative="ngram", num_speculative_tokens=4)):
+        assert EngineConfig(**config.model_dump()) == config
+
+
 def test_the_defaults_follow_vllm():
     config = EngineConfig(model="m", speculative="ngram")
     assert (config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min) == (8, 3, 1)
