@@ -52,7 +52,7 @@ def test_every_candidate_is_correct(device, m):
     x = torch.randn(m, k, device=device, dtype=DTYPE)
     ref = reference(x, qweight, scales, zeros, bias)
     ran = 0
-    for config in candidates(m, group):
+    for config in candidates(m, group, k):
         try:
             out = int4_gemm(x, qweight, scales, zeros, bias, config=config)
         except Exception as exc:  # the tuner skips a tile this card cannot hold (its shared memory), so may we
@@ -81,7 +81,7 @@ def test_the_tuner_picks_a_candidate_that_runs_and_remembers_those_that_do_not()
         assert chosen not in failed
         assert rel_err(tuner.int4_gemm(x, qweight, scales, zeros, bias, config=chosen),
                        reference(x, qweight, scales, zeros, bias)) < 8e-3
-        for config in tuner.candidates(m, group):
+        for config in tuner.candidates(m, group, k):
             try:
                 tuner.int4_gemm(x, qweight, scales, zeros, bias, config=config)
             except Exception:  # noqa: BLE001 - whatever the failure, the tuner must have seen it

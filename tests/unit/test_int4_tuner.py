@@ -52,23 +52,23 @@ def args(m: int, n: int = 1024, k: int = 1024, group: int = 128):
 def test_a_candidate_that_fails_is_skipped_and_never_picked(tuner, m):
     too_big = lambda c: c.block_n == 128  # noqa: E731 - the widest tiles "do not fit"
     tuner["failing"] = too_big
-    assert any(too_big(c) for c in candidates(m, 128)) and not all(too_big(c) for c in candidates(m, 128))
+    assert any(too_big(c) for c in candidates(m, 128, 1024)) and not all(too_big(c) for c in candidates(m, 128, 1024))
     chosen = choose(*args(m))
     assert not too_big(chosen)
-    runnable = [c for c in candidates(m, 128) if not too_big(c)]
+    runnable = [c for c in candidates(m, 128, 1024) if not too_big(c)]
     assert time_of(chosen) == min(map(time_of, runnable))  # the fastest of those that run
-    assert {c for c, *_ in module._FAILED} == {c for c in candidates(m, 128) if too_big(c)}
+    assert {c for c, *_ in module._FAILED} == {c for c in candidates(m, 128, 1024) if too_big(c)}
     assert choose(*args(m)) == chosen  # kept: timed once per (shape, M bucket)
 
 
 def test_under_capture_an_untimed_shape_takes_the_first_candidate_not_known_to_fail(tuner):
-    first = candidates(1, 128)[0]
+    first = candidates(1, 128, 1024)[0]
     tuner["failing"] = lambda c: c == first
     choose(*args(1))  # eager: times them all, learns that `first` fails on this card
     tuner["capturing"] = True
     launched = len(tuner["launched"])
     fallback = choose(*args(1, n=2048))  # another shape, first seen inside a capture: nothing can be timed
-    assert fallback == candidates(1, 128)[1] and len(tuner["launched"]) == launched
+    assert fallback == candidates(1, 128, 1024)[1] and len(tuner["launched"]) == launched
 
 
 def test_when_no_candidate_runs_the_error_names_the_shape_and_the_failures(tuner):
