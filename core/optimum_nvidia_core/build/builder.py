@@ -183,8 +183,7 @@ def write_engine_dir(src_dir: Path, out_dir: Path, manifest: dict, write_weights
     """The one way an engine directory is written: ``write_weights(tmp_dir) -> kv_scales`` writes the weights into a
     temp dir next to ``out_dir``, the support files of ``src_dir`` and the manifest follow, then one rename."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / engine_dir.MANIFEST_NAME).is_file():
-        raise FileExistsError(f"{out_dir} exists and is not an engine directory; pass a new or empty directory")
+    _check_replaceable(out_dir)
     manifest = {k: v for k, v in manifest.items() if k not in ("files", "checksum", "created")}
     tmp = cache_dir.temp_dir_for(out_dir)
     try:
@@ -196,6 +195,24 @@ def write_engine_dir(src_dir: Path, out_dir: Path, manifest: dict, write_weights
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Only an engine directory of ours, holding nothing but its own files, may be replaced: a folder that merely
+    has a manifest.json, or an engine dir the user put files of their own into, is refused (never deleted)."""
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    try:
+        listed = set(engine_dir.read_manifest(out_dir)["files"])
+    except (engine_dir.EngineDirError, NotADirectoryError):
+        raise FileExistsError(f"{out_dir} exists and is not an engine directory; pass a new or empty directory")
+    ours = listed | {engine_dir.MANIFEST_NAME}
+    extra = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*")
+                   if not p.is_dir() and p.relative_to(out_dir).as_posix() not in ours
+                   and not p.name.startswith(engine_dir.STAMP_NAME))
+    if extra:
+        raise FileExistsError(f"{out_dir} is an engine directory but also holds files that are not the engine's "
+                              f"({', '.join(extra[:5])}); move them out, or pass a new or empty directory")
 
 
 def _manifest_for_loaded(model: nn.Module, src: Path) -> dict:
