@@ -34,6 +34,7 @@ class _Choice:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
     tool_calls: list[Any] = field(default_factory=list)
+    offset: int = 0  # streamed completions: text offset of the next token's logprob entry
 
     def add(self, delta: RequestOutput) -> None:
         self.text += delta.text
@@ -128,11 +129,14 @@ class OpenAIServing:
                 if not req.stream:
                     choices[index].add(d)
                     continue
-                if d.text or d.finish_reason:
-                    offset = len(choices[index].text)
-                    choices[index].text += d.text
-                    logprobs = (self._completion_logprobs(d.token_ids, d.logprobs, params.logprobs, offset)
-                                if params.logprobs is not None else None)
+                # A delta whose text is held back (a character or stop string still arriving) still carries its
+                # tokens' log-probabilities; offsets run over the token texts, as in the whole response.
+                if d.text or d.finish_reason or (params.logprobs is not None and d.token_ids):
+                    logprobs = None
+                    if params.logprobs is not None:
+                        seen = choices[index]
+                        logprobs = self._completion_logprobs(d.token_ids, d.logprobs, params.logprobs, seen.offset)
+                        seen.offset += sum(len(self._text_of(t)) for t in d.token_ids)
                     choice = {"index": index, "text": d.text, "logprobs": logprobs, "finish_reason": _finish(d)}
                     yield {**head, "choices": [choice]}
         finally:
