@@ -16,7 +16,7 @@ from typing import Any
 from .detokenizer import IncrementalDetokenizer
 from .engine.interface import EngineCoreOutput
 from .outputs import Metrics, RequestOutput, Usage
-from .request_stream import EngineError, RequestStream, Wakeups
+from .request_stream import RequestFailed, RequestStream, Wakeups
 from .sampling_params import SamplingParams
 
 Abort = tuple[str, int | None]  # (request_id, completion index or None for the whole request)
@@ -131,7 +131,7 @@ class OutputProcessor:
                     continue
                 if out.error is not None:
                     del self._requests[out.request_id]
-                    stream.put(EngineError(out.error), wakeups)
+                    stream.put(RequestFailed(out.error, out.bad_request), wakeups)
                     continue
                 delta, stopped_here = state.delta(out, now)
                 if stopped_here:

@@ -20,6 +20,17 @@ class EngineError(RuntimeError):
     """The request failed inside the engine (its message says why); other requests keep running."""
 
 
+class RequestFailed(EngineError):
+    """This one request failed in a live engine (``bad_request``: because of its own input); the engine serves on."""
+
+    def __init__(self, message: str, bad_request: bool = False):
+        super().__init__(message)
+        self.bad_request = bad_request
+
+    def __reduce__(self):  # crosses process boundaries (Ray) with bad_request intact
+        return type(self), (str(self), self.bad_request)
+
+
 class RequestStream:
     def __init__(self, request_id: str, abort: Callable[[str], None]):
         self.request_id = request_id

@@ -135,7 +135,7 @@ class EngineCore:
             try:
                 req.matchers = grammar.result()
             except Exception as exc:  # noqa: BLE001 - the schema's fault: this request fails, the others run
-                outputs.append(self._fail(request_id, str(exc) or type(exc).__name__))
+                outputs.append(self._fail(request_id, str(exc) or type(exc).__name__, bad_request=True))
                 continue
             for seq in req.seqs:
                 self.scheduler.add(seq)
@@ -158,14 +158,15 @@ class EngineCore:
         """Schedule the next batch and queue it on the device; returns the outputs of requests that failed."""
         outputs = self._admit_compiled()
         batch = self.scheduler.schedule()
-        outputs += [self._fail(seq.request_id, seq.error or "the request cannot be scheduled") for seq in batch.failed]
+        outputs += [self._fail(seq.request_id, seq.error or "the request cannot be scheduled", bad_request=True)
+                    for seq in batch.failed]
         allowed = None
         if batch.seqs:
             self.counters["max_running_seqs"] = max(self.counters["max_running_seqs"], len(batch.seqs))
             self.counters["max_batch_tokens"] = max(self.counters["max_batch_tokens"], sum(batch.num_query_tokens))
             allowed, failed = self._grammar_masks(batch)
             if failed:  # their blocks are freed: take them out of this step
-                outputs += [self._fail(rid, msg) for rid, msg in failed]
+                outputs += [self._fail(rid, msg, bad_request=True) for rid, msg in failed]
                 batch = self._only_live(batch)
                 # Blocks they registered for prefix reuse when scheduled will never be computed now.
                 self.block_manager.reset_prefix_cache()
@@ -277,13 +278,14 @@ class EngineCore:
             self.scheduler.finish(seq, finish)
         return finish
 
-    def _fail(self, request_id: str, message: str) -> EngineCoreOutput | None:
+    def _fail(self, request_id: str, message: str, bad_request: bool = False) -> EngineCoreOutput | None:
+        """Fail one request; ``bad_request``: its own input is the cause (its schema, its size), not the engine."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
         self.scheduler.abort(request_id)
         self.counters["errors"] += 1
-        return req.error(message)
+        return req.error(message, bad_request)
 
     # ---- tools (engine thread) ---------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:

@@ -34,6 +34,7 @@ class EngineCoreOutput:
     logprobs: list[dict[int, float]] | None = None  # one {token: logprob} per new token, when asked for
     num_cached_tokens: int = 0  # prompt tokens this completion got from the prefix cache
     error: str | None = None
+    bad_request: bool = False  # with error: the request's own input caused it (a schema, a size), not the engine
 
 
 @dataclass

@@ -34,5 +34,5 @@ class Request:
             self.num_finished += 1
         return EngineCoreOutput(self.request_id, seq.index, token_ids, finish_reason, None, seq.num_cached_tokens)
 
-    def error(self, message: str) -> EngineCoreOutput:
-        return EngineCoreOutput(self.request_id, finish_reason="error", error=message)
+    def error(self, message: str, bad_request: bool = False) -> EngineCoreOutput:
+        return EngineCoreOutput(self.request_id, finish_reason="error", error=message, bad_request=bad_request)

@@ -54,7 +54,7 @@ def from_exception(exc: BaseException) -> APIError:
     from pydantic import ValidationError
 
     from ..request_checks import ContextLengthError
-    from ..request_stream import EngineError
+    from ..request_stream import EngineError, RequestFailed
 
     exc = getattr(exc, "cause", None) or exc
     if isinstance(exc, APIError):
@@ -66,6 +66,10 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(400, str(exc), code="context_length_exceeded")  # OpenAI's code: clients trim on it
     if isinstance(exc, (ValueError, TypeError)):  # the core names bad inputs with these
         return APIError(400, str(exc))
+    if isinstance(exc, RequestFailed):  # this request alone, in a live engine: no "retry shortly"
+        if exc.bad_request:
+            return APIError(400, str(exc), code="request_failed")
+        return APIError(500, f"the engine failed on this request: {exc}", code="request_failed")
     if isinstance(exc, EngineError):
         return APIError(503, f"the engine could not serve this request ({exc}); retry shortly",
                         code="engine_unavailable")

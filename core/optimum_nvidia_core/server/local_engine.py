@@ -11,7 +11,7 @@ import contextlib
 import logging
 from typing import Any, AsyncIterator
 
-from ..request_stream import EngineError
+from ..request_stream import EngineError, RequestFailed
 from .errors import APIError
 from .metrics import RequestTimer
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -94,6 +94,8 @@ class LocalEngine:
             async with contextlib.aclosing(items):
                 async for item in items:
                     yield item
+        except RequestFailed:
+            raise  # one request failed; the engine is fine (from_exception gives its status)
         except EngineError as exc:
             logger.warning("engine error: %s", exc)
             asyncio.ensure_future(self._recover())
