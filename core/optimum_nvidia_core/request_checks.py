@@ -58,7 +58,8 @@ def check_kv_room(num_prompt_tokens: int, params: SamplingParams, kv_cache_token
 
 
 def _is_integer(value: Any) -> bool:
-    return isinstance(value, numbers.Integral)  # numpy integers register as Integral
+    # numpy integers register as Integral; so does bool, which is no token id (the prompt check names it)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_array(value: Any) -> bool:

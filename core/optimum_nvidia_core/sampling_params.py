@@ -55,6 +55,18 @@ class SamplingParams(BaseModel):
         None, ge=1, description="Keep only the last N prompt tokens instead of failing on an over-long prompt."
     )
 
+    @field_validator("n", "max_tokens", "min_tokens", "top_k", "seed", "stop_token_ids", "logprobs",
+                     "truncate_prompt_tokens", mode="before")
+    @classmethod
+    def _no_bools(cls, value: Any, info) -> Any:
+        """True/False are not counts (pydantic would read them as 1/0): logprobs=True meaning "yes, please" got
+        one top log-probability, max_tokens=True one token."""
+        if isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)):
+            hint = ("; it is how many top log-probabilities to return per token (0 to 20; 0: the sampled token's "
+                    "only)") if info.field_name == "logprobs" else ""
+            raise ValueError(f"{info.field_name} takes integers, not True/False{hint}")
+        return value
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_list(cls, value: Any) -> Any:
