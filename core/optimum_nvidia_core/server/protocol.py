@@ -65,6 +65,19 @@ class _GenerationRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    # Known OpenAI fields that change the answer and that this server does not implement: refused when set, never
+    # silently dropped (an ignored logit_bias would still produce the tokens it bans).
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> "_GenerationRequest":
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server; leave it out")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of={self.best_of} is not supported by this server (each of the n={self.n} "
+                             "completions is returned); leave it out")
+        return self
 
     @property
     def include_usage(self) -> bool:
