@@ -204,8 +204,9 @@ def _check_replaceable(out_dir: Path) -> None:
         return
     try:
         listed = set(engine_dir.read_manifest(out_dir)["files"])
-    except (engine_dir.EngineDirError, NotADirectoryError):
-        raise FileExistsError(f"{out_dir} exists and is not an engine directory; pass a new or empty directory")
+    except (engine_dir.EngineDirError, NotADirectoryError) as exc:
+        raise FileExistsError(f"{out_dir} exists and is not an engine directory ({exc}); nothing was changed: pass "
+                              "a new or empty directory") from None
     ours = listed | {engine_dir.MANIFEST_NAME}
     extra = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*")
                    if not p.is_dir() and p.relative_to(out_dir).as_posix() not in ours
