@@ -239,11 +239,27 @@ def _registry_key(config: EngineConfig) -> str:
     """Engines are shared by the content of their options, calibration data included (equal datasets share one
     engine; a new dataset never gets an old one)."""
     options = config.model_dump(exclude={"calibration_dataset"})
+    options["source"] = _folder_stamp(config.model)
     if config.calibration_dataset is not None:
         from .build.calibration import calibration_hash
 
         options["calibration_dataset"] = calibration_hash(config.calibration_dataset, config.calibration_max_length)
     return json.dumps(options, sort_keys=True, default=str)
+
+
+def _folder_stamp(model: str) -> list | None:
+    """A local model folder's resolved path and the stat stamp of its files: a checkpoint saved over the same
+    folder gets an engine of its own (the old engine keeps serving its live handles). Dot files are left out (an
+    engine dir's verification stamp is rewritten by loading it). None for a hub id."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return None
+    files = []
+    for path in sorted(folder.iterdir()):
+        if not path.name.startswith(".") and path.is_file():
+            s = path.stat()
+            files.append([path.name, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino])
+    return [str(folder.resolve()), files]
 
 
 def _get_or_start_worker(key: str, config: EngineConfig) -> Any:
