@@ -85,7 +85,8 @@ def main() -> None:
     parser.add_argument("--extra-calibration", help="JSON list of token-id lists added to the calibration set")
     parser.add_argument("--extra-samples", type=int, default=0, help="how many of them (0: all)")
     parser.add_argument("--mlp-group-size", type=int, default=0, help="MLP linears' group size (0: the recipe's)")
-    parser.add_argument("--skip-first-token", action="store_true", help="Hessians without each sample's token 0")
+    parser.add_argument("--first-token-weight", type=float, default=1.0,
+                        help="weight of each sample's token 0 in the Hessians (0: left out)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,7 +118,7 @@ def main() -> None:
     record("bf16", load_model(model_dir, torch.bfloat16, "cpu"))
     hessians = collect_stats(reference, [], calibration, progress=False,
                              hessian_names=quantizable_linear_names(reference),
-                             hessians_skip_first=args.skip_first_token).hessians
+                             first_token_weight=args.first_token_weight).hessians
     del reference
     for method in args.methods.split(","):
         name = f"{method} mlp g{args.mlp_group_size}" if args.mlp_group_size else method
