@@ -87,13 +87,14 @@ def main() -> None:
     parser.add_argument("--mlp-group-size", type=int, default=0, help="MLP linears' group size (0: the recipe's)")
     parser.add_argument("--first-token-weight", type=float, default=1.0,
                         help="weight of each sample's token 0 in the Hessians (0: left out)")
+    parser.add_argument("--also-full", action="store_true", help="with --tokens: score the whole text too")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = resolve_model(DEFAULT_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     token_ids = tokenizer(HELD_OUT_TEXT)["input_ids"]
-    token_ids = token_ids[:args.tokens] if args.tokens else token_ids
+    all_ids, token_ids = token_ids, token_ids[:args.tokens] if args.tokens else token_ids
     calibration = tokenize_samples(tokenizer, default_calibration_samples()[:args.calibration_samples],
                                    args.calibration_max_length)
     if args.extra_calibration:
@@ -105,11 +106,15 @@ def main() -> None:
 
     def record(name: str, model) -> None:
         start = time.perf_counter()
-        value = perplexity(model, token_ids)
-        baseline = result["figures"].get("fp32", {}).get("perplexity", value)
-        bf16 = result["figures"].get("bf16", {}).get("perplexity", value)
-        result["figures"][name] = {"perplexity": value, "ratio": value / baseline, "ratio_to_bf16": value / bf16}
-        print(f"{name:28s} {value:8.3f}  {value / baseline:.4f}x fp32  {value / bf16:.4f}x bf16  "
+        figures = {"perplexity": perplexity(model, token_ids)}
+        if args.also_full:
+            figures["full_perplexity"] = perplexity(model, all_ids)
+        for key in list(figures):
+            figures[key.replace("perplexity", "ratio")] = figures[key] / result["figures"].get("fp32", figures)[key]
+            figures[key.replace("perplexity", "ratio_to_bf16")] = figures[key] / result["figures"].get(
+                "bf16", figures)[key]
+        result["figures"][name] = figures
+        print(f"{name:28s}", "  ".join(f"{key} {value:.4f}" for key, value in figures.items()),
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
 

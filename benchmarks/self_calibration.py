@@ -46,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=2, help="continuations per prompt (one seed each)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + rounds - 1")
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -59,7 +60,7 @@ def main() -> None:
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in starts])  # left-padded
     attention_mask = torch.arange(width)[None] >= width - torch.tensor([len(ids) for ids in starts])[:, None]
     samples: list[list[int]] = []
-    for seed in range(args.rounds):
+    for seed in range(args.first_seed, args.first_seed + args.rounds):
         start = time.perf_counter()
         torch.manual_seed(seed)
         with torch.no_grad():

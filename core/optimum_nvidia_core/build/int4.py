@@ -32,7 +32,7 @@ GROUP_SIZE = 128
 
 @dataclass(frozen=True)
 class Int4Recipe:
-    method: Literal["awq", "awq_learned", "awq_bounded", "awq_gptq", "gptq", "rtn", "loaded"] = "awq"  # "loaded": an AWQ / GPTQ checkpoint
+    method: Literal["awq", "awq_bounded", "awq_gptq", "gptq", "rtn", "loaded"] = "awq"  # "loaded": an AWQ / GPTQ checkpoint
     group_size: int = GROUP_SIZE
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
 
@@ -54,7 +54,7 @@ class Int4Recipe:
 
     @property
     def uses_awq_scales(self) -> bool:
-        return self.method in ("awq", "awq_learned", "awq_bounded", "awq_gptq")
+        return self.method in ("awq", "awq_bounded", "awq_gptq")
 
     @property
     def uses_gptq(self) -> bool:
@@ -123,8 +123,6 @@ def quantize_linear(linear: nn.Module, hessian: torch.Tensor | None, recipe: Int
         codes = int4_rounding.gptq_codes(weight, hessian, scales, zeros)
     elif recipe.method == "awq_bounded":
         codes = int4_rounding.gptq_codes(weight, hessian, scales, zeros, bounded=True)
-    elif recipe.method == "awq_learned":
-        codes = int4_rounding.learned_codes(weight, hessian, scales, zeros)
     else:
         codes = int4_rounding.round_to_codes(weight, scales, zeros)
     return Int4Linear.from_codes(linear, codes, scales, zeros)
