@@ -3,7 +3,8 @@ by layer type. The quality gate (tests/integration/test_int4_quality.py) checks 
 
     PYTHONPATH=core:. python benchmarks/int4_quality.py --out /tmp/int4_quality.json [--tokens 1024]
         [--methods rtn,awq,gptq,awq_gptq] [--only-types rtn] [--calibration-samples 24 --calibration-max-length 256]
-        [--extra-calibration tokens.json --extra-samples 32] [--mlp-group-size 32]
+        [--extra-calibration tokens.json --extra-samples 32] [--mlp-group-size 32] [--also-full]
+        [--second-text /usr/share/common-licenses/GPL-3]
 
 Scored on the FP8 gate's held-out text (all 2,372 tokens, or its first ``--tokens`` for quicker runs) against the
 fp32 model (ratios to the bf16 model too). One calibration pass (input Hessians of every linear) serves every calibrated method, as in the gate.
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--first-token-weight", type=float, default=1.0,
                         help="weight of each sample's token 0 in the Hessians (0: left out)")
     parser.add_argument("--also-full", action="store_true", help="with --tokens: score the whole text too")
+    parser.add_argument("--second-text", help="a second held-out text file (e.g. /usr/share/common-licenses/GPL-3)")
+    parser.add_argument("--second-tokens", type=int, default=2048, help="its first N tokens are scored")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,6 +98,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     token_ids = tokenizer(HELD_OUT_TEXT)["input_ids"]
     all_ids, token_ids = token_ids, token_ids[:args.tokens] if args.tokens else token_ids
+    second_ids = []
+    if args.second_text:  # whitespace-normalized: the file's line wrapping is not text
+        second_ids = tokenizer(" ".join(Path(args.second_text).read_text().split()))["input_ids"][:args.second_tokens]
     calibration = tokenize_samples(tokenizer, default_calibration_samples()[:args.calibration_samples],
                                    args.calibration_max_length)
     if args.extra_calibration:
@@ -109,6 +115,8 @@ def main() -> None:
         figures = {"perplexity": perplexity(model, token_ids)}
         if args.also_full:
             figures["full_perplexity"] = perplexity(model, all_ids)
+        if second_ids:
+            figures["second_perplexity"] = perplexity(model, second_ids)
         for key in list(figures):
             figures[key.replace("perplexity", "ratio")] = figures[key] / result["figures"].get("fp32", figures)[key]
             figures[key.replace("perplexity", "ratio_to_bf16")] = figures[key] / result["figures"].get(

@@ -111,7 +111,7 @@ def test_quantized_models_are_int4_and_sane(tiny_dir):
     rules out broken formats (~100%+). Which method is best is measured on SmolLM2 (test_int4_quality.py)."""
     reference = logits(load_model(tiny_dir, torch.float32, "cpu"))
     errors = {}
-    for method in ("rtn", "awq", "gptq", "awq_gptq"):
+    for method in ("rtn", "awq", "gptq", "awq_gptq", "awq_bounded"):
         model = quantize_model_int4(load_model(tiny_dir, torch.float32, "cpu"), Int4Recipe(method),
                                     calibration(tiny_dir), progress=False)
         linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
