@@ -9,7 +9,9 @@ weight error D [N, K] on those inputs is exactly sum((D H) * D), so no activatio
     layer), so they round with less relative error; alpha from a grid, by output error.
   * ``clip_ratios``: AWQ's range clipping: each group's [min, max] shrunk by the ratio (from a grid) that minimizes
     that group's output error (the group's diagonal block of H).
-  * ``gptq_codes``: GPTQ's error-compensated rounding (build/gptq.py's loop) with those fixed group parameters.
+  * ``gptq_codes``: GPTQ's error-compensated rounding (build/gptq.py's loop) with those fixed group parameters;
+    ``bounded``: each code stays floor or ceil of w / scale (the error feedback only picks rounding directions, the
+    search space of learned rounding such as AdaRound / AutoRound), which held up better on held-out text.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor
                bounded: bool = False) -> torch.Tensor:
     """GPTQ rounding (act order) to codes [N, K] with fixed group parameters (scales, zeros [N, K/G]).
     ``bounded``: each code stays one of the two neighbours of the original weight (floor or ceil of w / scale), so
-    the error feedback only chooses the rounding direction, as learned rounding does."""
+    the error feedback only chooses the rounding direction."""
     group = weight.shape[1] // scales.shape[1]
     scales32, zeros32 = scales.float(), zeros.float()
 
