@@ -6,11 +6,14 @@ by layer type. The quality gate (tests/integration/test_int4_quality.py) checks 
         [--extra-calibration tokens.json --extra-samples 32] [--mlp-group-size 32] [--also-full]
         [--second-text /usr/share/common-licenses/GPL-3]
 
-Scored on the FP8 gate's held-out text (all 2,372 tokens, or its first ``--tokens`` for quicker runs) against the
-fp32 model (ratios to the bf16 model too). One calibration pass (input Hessians of every linear) serves every calibrated method, as in the gate.
-``--only-types METHOD`` also quantizes one layer type at a time (qkv, o, gate_up, down) with METHOD: the cost of
-each type alone. ``--extra-calibration``: a JSON list of token-id lists (e.g. benchmarks/self_calibration.py's
+Scored on the FP8 gate's held-out text (all 2,372 tokens, or its first ``--tokens`` for quicker runs; with
+``--also-full`` the whole text too; ``--second-text``: a second held-out text) against the fp32 model, with ratios
+to the bf16 model too. One calibration pass (input Hessians of every linear) serves every calibrated method, as in
+the gate. ``--only-types METHOD`` also quantizes one layer type at a time (qkv, o, gate_up, down) with METHOD: the
+cost of each type alone. ``--extra-calibration``: a JSON list of token-id lists (e.g. benchmarks/self_calibration.py's
 text sampled from the model itself) whose first ``--extra-samples`` join the built-in samples.
+``--mlp-group-size 32``: the MLP's linears in groups of 32 (a format the engine does not build yet).
+``--first-token-weight``: the Hessian weight of each sample's first token (the attention sink; 0 leaves it out).
 """
 from __future__ import annotations
 
