@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quantization", choices=["fp8", "int4"],
                        help="weight quantization: fp8 (the same as --fp8) or int4 (W4A16, group-wise 128, built once "
                             "and cached); AWQ / GPTQ checkpoints load as INT4 without it")
-        p.add_argument("--int4-method", choices=["awq", "awq_gptq", "gptq", "rtn"],
+        p.add_argument("--int4-method", choices=["awq_bounded", "awq", "awq_gptq", "gptq", "rtn"],
                        help="INT4 rounding with --quantization int4 (default: the engine's, see EngineConfig)")
 
     build = commands.add_parser("build", help="build (and cache) an engine, optionally writing it to a directory",

@@ -20,9 +20,10 @@ class EngineConfig(BaseModel):
         None, description="Weight quantization: 'fp8' (the same as use_fp8=True), 'int4' (W4A16, group-wise 128, "
         "built once and cached), or None. AWQ and GPTQ checkpoints load as INT4 by themselves."
     )
-    int4_method: Literal["awq_gptq", "awq", "gptq", "rtn"] = Field(
-        "awq", description="INT4 rounding: 'awq_gptq' (AWQ's activation-aware scales + clipping, then GPTQ error "
-        "compensation), 'awq' (scales + clipping, round-to-nearest), 'gptq' (clipping + GPTQ), or 'rtn' "
+    int4_method: Literal["awq_bounded", "awq_gptq", "awq", "gptq", "rtn"] = Field(
+        "awq_bounded", description="INT4 rounding: 'awq_bounded' (AWQ's activation-aware scales + clipping, then "
+        "GPTQ error compensation that only chooses each weight's rounding direction), 'awq_gptq' (the same with free "
+        "GPTQ rounding), 'awq' (scales + clipping, round-to-nearest), 'gptq' (clipping + GPTQ), or 'rtn' "
         "(round-to-nearest, no calibration)."
     )
     activation_scheme: Literal["static", "dynamic"] = Field(

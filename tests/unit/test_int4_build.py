@@ -55,7 +55,7 @@ def test_rtn_round_trip_error_is_bounded():
     assert bool((error <= scales.repeat_interleave(128, dim=1) / 2 + 1e-6).all())  # half a step, at most
 
 
-@pytest.mark.parametrize("method", ["awq", "clip", "gptq", "awq_gptq"])
+@pytest.mark.parametrize("method", ["awq", "clip", "gptq", "bounded", "awq_gptq"])
 def test_calibrated_rounding_beats_rtn_on_held_out_inputs(method):
     torch.manual_seed(0)
     weight = 0.05 * torch.randn(96, 256)
@@ -76,6 +76,12 @@ def test_calibrated_rounding_beats_rtn_on_held_out_inputs(method):
     elif method == "gptq":
         params = rounding.group_params(weight, 128, torch.float32)
         ours = error(rounding.dequantize_codes(rounding.gptq_codes(weight, hessian, *params), *params))
+    elif method == "bounded":  # GPTQ that only picks each weight's rounding direction
+        params = rounding.group_params(weight, 128, torch.float32)
+        codes = rounding.gptq_codes(weight, hessian, *params, bounded=True)
+        nearest = rounding.round_to_codes(weight, *params)
+        assert int((codes.int() - nearest.int()).abs().max()) == 1  # floor or ceil of w / scale, never further
+        ours = error(rounding.dequantize_codes(codes, *params))
     else:  # GPTQ on W diag(s), with the Hessian of the inputs divided by s
         scales = rounding.awq_input_scales(weight, hessian, 128, torch.float32)
         scaled, scaled_hessian = weight * scales, hessian / scales[:, None] / scales[None, :]
@@ -105,7 +111,7 @@ def test_quantized_models_are_int4_and_sane(tiny_dir):
     rules out broken formats (~100%+). Which method is best is measured on SmolLM2 (test_int4_quality.py)."""
     reference = logits(load_model(tiny_dir, torch.float32, "cpu"))
     errors = {}
-    for method in ("rtn", "awq", "gptq", "awq_gptq"):
+    for method in ("rtn", "awq", "gptq", "awq_gptq", "awq_bounded"):
         model = quantize_model_int4(load_model(tiny_dir, torch.float32, "cpu"), Int4Recipe(method),
                                     calibration(tiny_dir), progress=False)
         linears = [m for m in model.modules() if isinstance(m, Int4Linear)]

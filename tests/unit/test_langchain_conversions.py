@@ -173,7 +173,7 @@ def test_sampling_params_from_fields_call_kwargs_and_stop():
 
 def test_engine_options_leave_defaults_to_the_engine():
     chat = ChatOptimumNvidia(max_batch_size=8, model_kwargs={"num_kv_blocks": 64})
-    assert chat.engine_options() == {"use_fp8": False, "int4_method": "awq", "kv_cache_dtype": "auto",
+    assert chat.engine_options() == {"use_fp8": False, "int4_method": "awq_bounded", "kv_cache_dtype": "auto",
                                      "max_batch_size": 8, "device": "auto", "num_kv_blocks": 64}
 
 

@@ -105,7 +105,7 @@ def test_fields_and_sampling_overrides():
     llm = OptimumNvidiaLLM(model="some/model", temperature=0.0, max_tokens=8, max_batch_size=4,
                            model_kwargs={"num_kv_blocks": 64})
     assert llm.model_id == "some/model"
-    assert llm.engine_options() == {"use_fp8": False, "int4_method": "awq", "kv_cache_dtype": "auto",
+    assert llm.engine_options() == {"use_fp8": False, "int4_method": "awq_bounded", "kv_cache_dtype": "auto",
                                     "max_batch_size": 4, "device": "auto", "num_kv_blocks": 64}
     params = llm.sampling_params(None, {"top_k": 3, "max_tokens": 2, "seed": None})
     assert (params.temperature, params.max_tokens, params.top_k) == (0.0, 2, 3)

@@ -3,11 +3,13 @@
 engines: the recipe below is part of the engine's identity (build/engine_dir.py).
 
 Methods (``int4_method``; build/int4_rounding.py has the math):
-  * "awq" (default): activation-aware input scales folded into the previous norm / projection, range clipping,
-    round-to-nearest. Measured best on SmolLM2 (benchmarks/NOTES.md, "INT4 quality").
-  * "awq_gptq": the same scales and clipping, then GPTQ error-compensated rounding of the scaled weights (the
-    Hessians follow the scales). Worse than "awq" on SmolLM2 with the built-in calibration set (4k tokens):
-    1.169x against 1.149x fp32 perplexity; may pay with more calibration data (not measured).
+  * "awq_bounded" (default): "awq"'s scales and clipping, then GPTQ's error-compensated rounding restricted to
+    each weight's two neighbouring codes (floor or ceil of w / scale): the error feedback only picks rounding
+    directions. Measured best on SmolLM2 (benchmarks/NOTES.md, "INT4 quality, round 2").
+  * "awq": activation-aware input scales folded into the previous norm / projection, range clipping,
+    round-to-nearest.
+  * "awq_gptq": the same scales and clipping, then free GPTQ rounding of the scaled weights (the Hessians follow
+    the scales). Worse than "awq" with the built-in calibration set (4k tokens), better with 40k.
   * "gptq": range clipping, then GPTQ rounding, no scales.
   * "rtn": plain round-to-nearest, no calibration.
 Calibration collects one input Hessian per linear (build/calibration.py, as FP8's GPTQ does); the scale and clip
@@ -32,7 +34,8 @@ GROUP_SIZE = 128
 
 @dataclass(frozen=True)
 class Int4Recipe:
-    method: Literal["awq", "awq_gptq", "gptq", "rtn", "loaded"] = "awq"  # "loaded": an AWQ / GPTQ checkpoint
+    # "loaded": an AWQ / GPTQ checkpoint's weights
+    method: Literal["awq_bounded", "awq", "awq_gptq", "gptq", "rtn", "loaded"] = "awq_bounded"
     group_size: int = GROUP_SIZE
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
 
@@ -54,11 +57,11 @@ class Int4Recipe:
 
     @property
     def uses_awq_scales(self) -> bool:
-        return self.method in ("awq", "awq_gptq")
+        return self.method in ("awq", "awq_bounded", "awq_gptq")
 
     @property
     def uses_gptq(self) -> bool:
-        return self.method in ("gptq", "awq_gptq")
+        return self.method in ("gptq", "awq_gptq", "awq_bounded")
 
     @property
     def needs_calibration(self) -> bool:
@@ -120,7 +123,7 @@ def quantize_linear(linear: nn.Module, hessian: torch.Tensor | None, recipe: Int
         ratios = int4_rounding.clip_ratios(weight, hessian, group, linear.weight.dtype)
     scales, zeros = int4_rounding.group_params(weight, group, linear.weight.dtype, ratios)
     if recipe.uses_gptq:
-        codes = int4_rounding.gptq_codes(weight, hessian, scales, zeros)
+        codes = int4_rounding.gptq_codes(weight, hessian, scales, zeros, bounded=recipe.method == "awq_bounded")
     else:
         codes = int4_rounding.round_to_codes(weight, scales, zeros)
     return Int4Linear.from_codes(linear, codes, scales, zeros)

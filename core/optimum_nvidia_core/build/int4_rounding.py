@@ -9,7 +9,9 @@ weight error D [N, K] on those inputs is exactly sum((D H) * D), so no activatio
     layer), so they round with less relative error; alpha from a grid, by output error.
   * ``clip_ratios``: AWQ's range clipping: each group's [min, max] shrunk by the ratio (from a grid) that minimizes
     that group's output error (the group's diagonal block of H).
-  * ``gptq_codes``: GPTQ's error-compensated rounding (build/gptq.py's loop) with those fixed group parameters.
+  * ``gptq_codes``: GPTQ's error-compensated rounding (build/gptq.py's loop) with those fixed group parameters;
+    ``bounded``: each code stays floor or ceil of w / scale (the error feedback only picks rounding directions, the
+    search space of learned rounding such as AdaRound / AutoRound), which held up better on held-out text.
 """
 from __future__ import annotations
 
@@ -106,14 +108,21 @@ def clip_ratios(weight: torch.Tensor, hessian: torch.Tensor, group: int, dtype: 
 
 
 @torch.no_grad()
-def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """GPTQ rounding (act order) to codes [N, K] with fixed group parameters (scales, zeros [N, K/G])."""
+def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               bounded: bool = False) -> torch.Tensor:
+    """GPTQ rounding (act order) to codes [N, K] with fixed group parameters (scales, zeros [N, K/G]).
+    ``bounded``: each code stays one of the two neighbours of the original weight (floor or ceil of w / scale), so
+    the error feedback only chooses the rounding direction."""
     group = weight.shape[1] // scales.shape[1]
     scales32, zeros32 = scales.float(), zeros.float()
 
     def round_column(k: int, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale, zero = scales32[:, k // group], zeros32[:, k // group]
-        code = (torch.round(column / scale) + zero).clamp(0, MAX_CODE)
+        steps = torch.round(column / scale)
+        if bounded:
+            original = weight[:, k].float() / scale
+            steps = steps.clamp(torch.floor(original), torch.ceil(original))
+        code = (steps + zero).clamp(0, MAX_CODE)
         return code.to(torch.uint8), (code - zero) * scale
 
     return gptq_round(weight, hessian, round_column, torch.uint8, act_order=True)
