@@ -38,6 +38,17 @@ def test_chat_request_maps_onto_sampling_params():
     assert ChatCompletionRequest(messages=HI, logprobs=True).sampling_params().logprobs == 0
 
 
+def test_stop_token_ids_reach_the_sampling_params_and_bad_ones_are_a_400():
+    """vLLM's extra field: dropped silently, a client's stop ids would not stop anything."""
+    assert ChatCompletionRequest(messages=HI, stop_token_ids=[7, 9]).sampling_params().stop_token_ids == [7, 9]
+    assert CompletionRequest(prompt="a", stop_token_ids=[3]).sampling_params().stop_token_ids == [3]
+    assert ChatCompletionRequest(messages=HI).sampling_params().stop_token_ids == []
+    for bad in ([-1], [True]):
+        with pytest.raises(ValidationError) as info:
+            ChatCompletionRequest(messages=HI, stop_token_ids=bad).sampling_params()
+        assert from_exception(info.value).status == 400 and "stop_token_ids" in str(info.value)
+
+
 @pytest.mark.parametrize("body", [
     {"messages": []}, {"messages": HI, "temperature": 3}, {"messages": HI, "top_logprobs": 2},
     {"messages": HI, "tool_choice": "required"}, {"messages": HI, "tool_choice": "sometimes", "tools": [{}]},

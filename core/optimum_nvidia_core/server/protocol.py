@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator, StrictInt
 
 from ..sampling_params import SamplingParams
 
@@ -65,6 +65,7 @@ class _GenerationRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    stop_token_ids: list[StrictInt] | None = Field(None, description="Token ids that end a completion (as vLLM).")
     # Known OpenAI fields that change the answer and that this server does not implement: refused when set, never
     # silently dropped (an ignored logit_bias would still produce the tokens it bans).
     logit_bias: dict[str, float] | None = None
@@ -90,7 +91,7 @@ class _GenerationRequest(BaseModel):
             frequency_penalty=self.frequency_penalty, seed=self.seed, stop=self.stop, logprobs=logprobs,
             guided_json=guided_json, ignore_eos=self.ignore_eos,
         )
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop_token_ids"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
         return SamplingParams(**options)
