@@ -32,6 +32,30 @@ class GemmConfig(NamedTuple):
     num_stages: int = 3
 
 
+@triton.jit
+def split_k_range(K, pid_k, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [k_lo, k_hi) of K that split pid_k of SPLIT_K covers: whole BLOCK_K tiles (the last split may be short
+    or empty)."""
+    k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    return k_lo, tl.minimum(k_lo + k_per_split, K)
+
+
+@triton.jit
+def store_split_k_tile(acc, rows, cols, row_ok, col_ok, bias_ptr, out_ptr, stride_om, M, N, pid_k,
+                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 -> out (+ bias) in out's dtype, or, split along K, -> the fp32 partial buffer
+    [SPLIT_K, M, N] that finish_split_k sums (and adds the bias to)."""
+    offsets = rows[:, None] * stride_om + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + pid_k * M * N + offsets, acc, mask=mask)
+
+
 @triton.jit(do_not_specialize=["M"])  # M changes every step: no recompile per divisibility of M
 def _fp8_gemm_kernel(
     x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
@@ -43,9 +67,7 @@ def _fp8_gemm_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
     ks = tl.arange(0, BLOCK_K)
-    k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_lo, k_hi = split_k_range(K, pid_k, SPLIT_K, BLOCK_K)
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + cols[:, None].to(tl.int64) * K  # W is [N, K] row-major: tiles [BLOCK_N, BLOCK_K]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -63,14 +85,7 @@ def _fp8_gemm_kernel(
     else:
         w_scale = tl.zeros([BLOCK_N], tl.float32) + tl.load(w_scale_ptr)
     out = acc * (x_scale[:, None] * w_scale[None, :])
-    offsets = rows[:, None] * stride_om + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
-    else:  # out_ptr is the fp32 partial buffer [SPLIT_K, M, N]
-        tl.store(out_ptr + pid_k * M * N + offsets, out, mask=mask)
+    store_split_k_tile(out, rows, cols, row_ok, col_ok, bias_ptr, out_ptr, stride_om, M, N, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -30,9 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
-from optimum_nvidia_core.kernels.fp8_gemm import _graph_time, finish_split_k, m_bucket, split_k_target
+from optimum_nvidia_core.kernels.fp8_gemm import (_graph_time, finish_split_k, m_bucket, split_k_range,
+                                                   split_k_target, store_split_k_tile)
 
-TWO_23 = tl.constexpr(0x4B000000)  # the bits of fp32 2^23: OR an integer below 2^23 into its mantissa to get 2^23 + that integer
+# The bits of fp32 2^23: an integer below 2^23 OR-ed into its mantissa makes the fp32 2^23 + that integer.
+TWO_23 = tl.constexpr(0x4B000000)
 
 
 class Int4Config(NamedTuple):
@@ -43,7 +45,7 @@ class Int4Config(NamedTuple):
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    tiles: int = 1  # gemv: BLOCK_K tiles a step (1 or 2); K must be a multiple of their width
+    tiles: int = 1  # gemv: BLOCK_K tiles a step (1, 2 or 4); K must be a multiple of their width
 
 
 @triton.jit
@@ -96,27 +98,6 @@ def _group_params(s_ptr, z_ptr, cols, col_ok, k0, NUM_GROUPS, GROUP: tl.constexp
 
 
 @triton.jit
-def _store(acc, rows, cols, row_ok, col_ok, bias_ptr, out_ptr, stride_om, M, N, pid_k,
-           HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] fp32 -> out (+ bias), or -> the fp32 split-K partial buffer [SPLIT_K, M, N]."""
-    offsets = rows[:, None] * stride_om + cols[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptr + pid_k * M * N + offsets, acc, mask=mask)
-
-
-@triton.jit
-def _k_range(K, pid_k, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K  # whole tiles: K is a multiple of BLOCK_K
-    k_lo = pid_k * k_per_split
-    return k_lo, tl.minimum(k_lo + k_per_split, K)
-
-
-@triton.jit
 def _gemv_tile(packed, x_ptr, s_ptr, z_ptr, cols, col_ok, k0, K, words, acc, acc_1d, GROUP: tl.constexpr):
     scale, zero = _group_params(s_ptr, z_ptr, cols, col_ok, k0, K // GROUP, GROUP)
     part, correction = _gemv_tile_folded(packed, x_ptr, k0, words, scale, zero)
@@ -138,7 +119,7 @@ def _int4_gemv_kernel(
     col_ok = cols < N
     WORDS: tl.constexpr = BLOCK_K // 8
     words = tl.arange(0, WORDS)
-    k_lo, k_hi = _k_range(K, pid_k, SPLIT_K, BLOCK_K * TILES)
+    k_lo, k_hi = split_k_range(K, pid_k, SPLIT_K, BLOCK_K * TILES)
     w_rows = qw_ptr + cols[:, None].to(tl.int64) * K_WORDS + words[None, :]
     acc = tl.zeros([BLOCK_N, WORDS], tl.float32)
     acc_1d = tl.zeros([BLOCK_N], tl.float32)  # subtracted at the end
@@ -159,8 +140,8 @@ def _int4_gemv_kernel(
             acc, acc_1d = _gemv_tile(tile3, x_ptr, s_ptr, z_ptr, cols, col_ok, k0 + 3 * BLOCK_K, K, words, acc,
                                      acc_1d, GROUP)
     out = (tl.sum(acc, axis=1) - acc_1d)[None, :]
-    _store(out, tl.arange(0, 1), cols, tl.arange(0, 1) < 1, col_ok, bias_ptr, out_ptr, N, 1, N, pid_k,
-           HAS_BIAS, SPLIT_K)
+    store_split_k_tile(out, tl.arange(0, 1), cols, tl.arange(0, 1) < 1, col_ok, bias_ptr, out_ptr, N, 1, N, pid_k,
+                       HAS_BIAS, SPLIT_K)
 
 
 @triton.jit(do_not_specialize=["M"])  # M changes every step: no recompile per divisibility of M
@@ -176,7 +157,7 @@ def _int4_gemm_kernel(
     row_ok, col_ok = rows < M, cols < N
     WORDS: tl.constexpr = BLOCK_K // 8
     words = tl.arange(0, WORDS)
-    k_lo, k_hi = _k_range(K, pid_k, SPLIT_K, BLOCK_K)
+    k_lo, k_hi = split_k_range(K, pid_k, SPLIT_K, BLOCK_K)
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     w_rows = qw_ptr + cols[:, None].to(tl.int64) * (K // 8)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -189,7 +170,8 @@ def _int4_gemm_kernel(
             w = _offsets(packed, zero[:, None], j).to(x_ptr.dtype.element_ty)  # -15..15: exact
             part = tl.dot(x, tl.trans(w), part)
         acc += part * scale[None, :]
-    _store(acc, rows, cols, row_ok, col_ok, bias_ptr, out_ptr, stride_om, M, N, pid_k, HAS_BIAS, SPLIT_K)
+    store_split_k_tile(acc, rows, cols, row_ok, col_ok, bias_ptr, out_ptr, stride_om, M, N, pid_k, HAS_BIAS,
+                       SPLIT_K)
 
 
 @triton.jit
