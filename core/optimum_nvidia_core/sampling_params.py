@@ -16,6 +16,17 @@ MAX_STOP_STRING_CHARS = 256
 TOKEN_ID_LIMIT = 2**31  # token ids are int32 on the device
 
 
+def refuse_bools(value: Any, name: str) -> Any:
+    """The value of an integer field (or a list of them), unless it holds True/False: those are not counts or ids
+    (pydantic would read them as 1/0: logprobs=True meaning "yes, please" got one top log-probability,
+    max_tokens=True one token). A before-validator for SamplingParams and the server's request bodies."""
+    if isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)):
+        hint = ("; it is how many top log-probabilities to return per token (0 to 20; 0: the sampled token's "
+                "only)") if name == "logprobs" else ""
+        raise ValueError(f"{name} takes integers, not True/False{hint}")
+    return value
+
+
 class SamplingParams(BaseModel):
     """How to sample one request. Defaults follow transformers/vLLM conventions."""
 
@@ -59,13 +70,7 @@ class SamplingParams(BaseModel):
                      "truncate_prompt_tokens", mode="before")
     @classmethod
     def _no_bools(cls, value: Any, info) -> Any:
-        """True/False are not counts (pydantic would read them as 1/0): logprobs=True meaning "yes, please" got
-        one top log-probability, max_tokens=True one token."""
-        if isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value)):
-            hint = ("; it is how many top log-probabilities to return per token (0 to 20; 0: the sampled token's "
-                    "only)") if info.field_name == "logprobs" else ""
-            raise ValueError(f"{info.field_name} takes integers, not True/False{hint}")
-        return value
+        return refuse_bools(value, info.field_name)
 
     @field_validator("stop", mode="before")
     @classmethod

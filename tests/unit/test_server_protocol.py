@@ -53,6 +53,8 @@ def test_stop_token_ids_reach_the_sampling_params_and_bad_ones_are_a_400():
     {"messages": []}, {"messages": HI, "temperature": 3}, {"messages": HI, "top_logprobs": 2},
     {"messages": HI, "tool_choice": "required"}, {"messages": HI, "tool_choice": "sometimes", "tools": [{}]},
     {"messages": HI, "response_format": {"type": "json_schema"}}, {"messages": HI, "n": 0},
+    {"messages": HI, "max_tokens": True}, {"messages": HI, "n": True}, {"messages": HI, "seed": False},
+    {"messages": HI, "logprobs": True, "top_logprobs": True}, {"messages": HI, "stop_token_ids": [True]},
 ])
 def test_bad_chat_bodies_are_rejected_with_the_field_named(body):
     with pytest.raises(ValidationError) as info:
@@ -66,6 +68,9 @@ def test_completion_request_prompts_and_defaults():
     assert CompletionRequest(prompt=["a", "b"]).prompts == ["a", "b"]
     assert CompletionRequest(prompt=[1, 2, 3]).prompts == [[1, 2, 3]]
     assert CompletionRequest(prompt="a").sampling_params().max_tokens == 16  # OpenAI's default
+    for bools in ({"prompt": "a", "logprobs": True}, {"prompt": [True, False]}):  # not 1 top logprob, not ids 1, 0
+        with pytest.raises(ValidationError, match="takes integers, not True/False"):
+            CompletionRequest.model_validate(bools)
     for bad in ({"prompt": "a", "echo": True}, {"prompt": "a", "suffix": "z"}, {"prompt": []}):
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate(bad)

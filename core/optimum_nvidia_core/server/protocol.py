@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, refuse_bools
 
 
 class StreamOptions(BaseModel):
@@ -65,11 +65,16 @@ class _GenerationRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[StrictInt] | None = Field(None, description="Token ids that end a completion (as vLLM).")
+    stop_token_ids: list[int] | None = Field(None, description="Token ids that end a completion (as vLLM).")
     # Known OpenAI fields that change the answer and that this server does not implement: refused when set, never
     # silently dropped (an ignored logit_bias would still produce the tokens it bans).
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
+
+    @field_validator("n", "max_tokens", "seed", "top_k", "min_tokens", "stop_token_ids", "best_of", mode="before")
+    @classmethod
+    def _no_bools(cls, value: Any, info) -> Any:  # before pydantic reads true as 1
+        return refuse_bools(value, info.field_name)
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> "_GenerationRequest":
@@ -107,6 +112,11 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    @field_validator("max_completion_tokens", "top_logprobs", mode="before")
+    @classmethod
+    def _no_bools_here(cls, value: Any, info) -> Any:
+        return refuse_bools(value, info.field_name)
+
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
@@ -133,6 +143,11 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
+
+    @field_validator("prompt", "logprobs", mode="before")
+    @classmethod
+    def _no_bools_here(cls, value: Any, info) -> Any:
+        return refuse_bools(value, info.field_name)
 
     @model_validator(mode="after")
     def _check(self) -> "CompletionRequest":
